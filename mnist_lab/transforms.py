@@ -1,0 +1,147 @@
+"""Batched image transforms: train and eval presets, and a per-image random affine.
+
+All transforms work on whole batches on the device the batch lives on (CPU or GPU); there is
+no per-image Python. torchvision's v2 transforms draw one random transform per call, i.e. one
+for the whole batch, so per-image augmentation is done here with one ``F.affine_grid`` matrix
+per image and a single ``F.grid_sample`` call.
+
+Conventions (the same as ``torchvision.transforms.v2.RandomAffine``): angles in degrees,
+positive = counter-clockwise as the image is displayed; shifts in pixels, +x = right,
++y = down; scale > 1 enlarges the digit. Pixels that come from outside the image are 0
+(background).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from mnist_lab.errors import ConfigError
+
+
+def affine(images: torch.Tensor, angle_deg: torch.Tensor, shift_px: torch.Tensor,
+           scale: torch.Tensor) -> torch.Tensor:
+    """Rotate, scale and shift every image of a batch by its own parameters.
+
+    The transform maps an input point ``p`` (pixels, relative to the image centre) to
+    ``scale * R(angle) @ p + shift``; it is sampled bilinearly with ``F.grid_sample``.
+
+    Args:
+        images: float tensor ``(B, C, H, W)``, values in any range (background must be 0).
+        angle_deg: ``(B,)`` rotation in degrees, counter-clockwise.
+        shift_px: ``(B, 2)`` translation in pixels, columns ``(dx, dy)``.
+        scale: ``(B,)`` zoom factor (1 = unchanged).
+
+    Returns:
+        float tensor ``(B, C, H, W)`` on the same device and dtype as ``images``.
+    """
+    b, _, h, w = images.shape
+    # affine_grid wants the inverse map (output coords -> input coords) in normalised
+    # [-1, 1] coordinates with y pointing down. The inverse of p -> s R(-a) p + t, where
+    # R(-a) is a counter-clockwise turn on screen, is q -> R(a) (q - t) / s.
+    a = torch.deg2rad(angle_deg.to(images.dtype))
+    cos, sin = torch.cos(a) / scale, torch.sin(a) / scale
+    tx = shift_px[:, 0].to(images.dtype) * (2.0 / w)
+    ty = shift_px[:, 1].to(images.dtype) * (2.0 / h)
+    theta = torch.stack([
+        torch.stack([cos, -sin * (h / w), -(cos * tx - sin * (h / w) * ty)], dim=1),
+        torch.stack([sin * (w / h), cos, -(sin * (w / h) * tx + cos * ty)], dim=1),
+    ], dim=1)
+    grid = F.affine_grid(theta, [b, images.shape[1], h, w], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class RandomAffineBatch:
+    """Per-image random rotation, translation and zoom of a batch.
+
+    Every image gets independent parameters, drawn uniformly:
+    angle in ``[-degrees, degrees]``, shift in ``[-translate * W, translate * W]`` pixels
+    (and ``H`` for y), scale in ``[1 - zoom, 1 + zoom]``.
+
+    Defaults (10 degrees, 10 % shift, 10 % zoom) are the values of the Keras
+    ``ImageDataGenerator(rotation_range=10, width_shift_range=0.1, height_shift_range=0.1,
+    zoom_range=0.1)`` used by the published MNIST projects mnist_lab is compared with.
+
+    Raises:
+        ConfigError: a negative value, ``translate >= 1`` or ``zoom >= 1``.
+    """
+
+    def __init__(self, degrees: float = 10.0, translate: float = 0.1, zoom: float = 0.1):
+        if degrees < 0 or not 0 <= translate < 1 or not 0 <= zoom < 1:
+            raise ConfigError(
+                f"augmentation needs degrees >= 0, 0 <= translate < 1, 0 <= zoom < 1; got "
+                f"degrees={degrees}, translate={translate}, zoom={zoom}. "
+                "Fix data.augmentation.* in the config.")
+        self.degrees, self.translate, self.zoom = float(degrees), float(translate), float(zoom)
+
+    def sample(self, n: int, height: int, width: int, device: torch.device | str,
+               generator: torch.Generator | None = None):
+        """Draw parameters for ``n`` images.
+
+        Returns:
+            ``(angle_deg (n,), shift_px (n, 2), scale (n,))`` float32 tensors on ``device``.
+        """
+        u = torch.rand(n, 4, device=device, generator=generator) * 2 - 1  # uniform in [-1, 1)
+        angle = u[:, 0] * self.degrees
+        shift = u[:, 1:3] * torch.tensor([self.translate * width, self.translate * height],
+                                         device=device)
+        scale = 1 + u[:, 3] * self.zoom
+        return angle, shift, scale
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augment a float batch ``(B, C, H, W)``; returns a new tensor of the same shape."""
+        angle, shift, scale = self.sample(images.shape[0], images.shape[-2], images.shape[-1],
+                                          images.device, generator)
+        return affine(images, angle, shift, scale)
+
+    def __repr__(self) -> str:
+        return (f"RandomAffineBatch(degrees={self.degrees}, translate={self.translate}, "
+                f"zoom={self.zoom})")
+
+
+class EvalPreset:
+    """uint8 images ``(B, 28, 28)`` or ``(B, 1, 28, 28)`` -> normalised float32 ``(B, 1, 28, 28)``.
+
+    Pixels are scaled to [0, 1] and then standardised with ``(x - mean) / std``; ``mean=0,
+    std=1`` is plain [0, 1] rescaling.
+    """
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0):
+        if not std > 0 or not math.isfinite(mean):
+            raise ConfigError(f"normalisation needs a finite mean and std > 0, got mean={mean}, std={std}")
+        self.mean, self.std = float(mean), float(std)
+
+    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to(torch.float32).div_(255.0)
+        return x.unsqueeze(1) if x.dim() == 3 else x
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mean == 0.0 and self.std == 1.0:
+            return x
+        return x.sub_(self.mean).div_(self.std)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.normalize(self.to_unit(images))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean:.4f}, std={self.std:.4f})"
+
+
+class TrainPreset(EvalPreset):
+    """As :class:`EvalPreset`, with optional per-image augmentation applied to the [0, 1] images
+    (before normalisation, so the area outside the digit stays background)."""
+
+    def __init__(self, mean: float = 0.0, std: float = 1.0, augment: RandomAffineBatch | None = None):
+        super().__init__(mean, std)
+        self.augment = augment
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = self.to_unit(images)
+        if self.augment is not None:
+            x = self.augment(x, generator)
+        return self.normalize(x)
+
+    def __repr__(self) -> str:
+        return f"TrainPreset(mean={self.mean:.4f}, std={self.std:.4f}, augment={self.augment})"
