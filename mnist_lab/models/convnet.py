@@ -1,0 +1,135 @@
+"""ConvNet: one family of MNIST classifiers, from a dense baseline (depth 0) to deep conv stacks.
+
+A model is ``backbone`` (conv blocks, then Flatten) followed by ``head`` (one hidden dense layer
+and the linear layer that gives the logits). Every published architecture mnist_lab compares
+(``conf/model/*.yaml``) is a point in this space, so a sweep can walk depth, widths, dropout and
+BatchNorm from any preset.
+
+Conv block ``i`` (1-based): ``Conv2d(k x k, valid padding) -> [BatchNorm2d] -> ReLU ->
+[MaxPool2d(2)] -> [Dropout]``. Head: ``Linear -> [BatchNorm1d] -> ReLU -> [Dropout] -> Linear``.
+Layer order and parameter counts follow Keras (``Conv2D``, ``Dense``, ``BatchNormalization`` with
+its 2 trainable parameters per channel), which the published tables were made with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mnist_lab.errors import ConfigError
+
+
+def _check_rate(name: str, p: float) -> float:
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"model.{name}={p} is outside [0, 1): it is the probability of zeroing a unit; "
+                          f"use e.g. model.{name}=0.25 (0 turns it off)")
+    return float(p)
+
+
+class ConvNet(nn.Module):
+    """A conv-net classifier of configurable depth, width, dropout and BatchNorm.
+
+    Input: float32 ``(B, in_channels, image_size, image_size)`` normalised images.
+    Output: float32 logits ``(B, num_classes)``.
+
+    Args:
+        depth: number of conv blocks (0 = the dense baseline ``fc``).
+        channels: output channels of blocks 1, 2, ...; needs at least ``depth`` entries (extra
+            entries are unused, so a preset can be swept to a larger depth).
+        pool: per block, whether a 2x2 max-pool follows it; at least ``depth`` entries.
+        kernel_size: conv kernel size in pixels (valid padding, stride 1).
+        dense_units: width of the hidden dense layer of the head (0 = logits straight from the
+            backbone features).
+        dropout: dropout rate on the backbone's output features (after the last conv block's
+            pool; for ``depth=0``, on the input pixels). With ``dropout_all_blocks``, after every block.
+        dropout_all_blocks: put ``dropout`` after every conv block instead of the last only.
+        dense_dropout: dropout rate after the hidden dense layer.
+        batchnorm: BatchNorm after every conv and after the hidden dense layer, before ReLU
+            (conv and dense keep their bias, as in the published ``conv2_bn``).
+        in_channels, image_size, num_classes: input channels, input side in pixels, classes.
+        name: preset name, for reports (``"conv2"``); not used by the network itself.
+
+    Raises:
+        ConfigError: negative depth, too few ``channels``/``pool`` entries, a dropout rate outside
+            [0, 1), or a depth whose feature map shrinks below 1 pixel.
+    """
+
+    def __init__(
+        self,
+        depth: int = 2,
+        channels: Sequence[int] = (32, 64, 64),
+        pool: Sequence[bool] = (True, True, False),
+        kernel_size: int = 3,
+        dense_units: int = 128,
+        dropout: float = 0.0,
+        dropout_all_blocks: bool = False,
+        dense_dropout: float = 0.0,
+        batchnorm: bool = False,
+        in_channels: int = 1,
+        image_size: int = 28,
+        num_classes: int = 10,
+        name: str | None = None,
+    ):
+        super().__init__()
+        if not isinstance(depth, int) or depth < 0:
+            raise ConfigError(f"model.depth={depth!r} must be an integer >= 0 (0 = dense baseline)")
+        channels, pool = list(channels), list(pool)
+        if len(channels) < depth or len(pool) < depth:
+            raise ConfigError(
+                f"model.depth={depth} needs {depth} conv widths and pool flags, but model.channels="
+                f"{channels} and model.pool={pool}; give longer lists, e.g. model.channels=[32,64,64,128] "
+                "model.pool=[true,true,false,false]")
+        if dense_units < 0:
+            raise ConfigError(f"model.dense_units={dense_units} must be >= 0 (0 = no hidden layer)")
+        dropout, dense_dropout = _check_rate("dropout", dropout), _check_rate("dense_dropout", dense_dropout)
+        self.name = name or f"convnet_d{depth}"
+        self.config = dict(depth=depth, channels=channels, pool=pool, kernel_size=kernel_size,
+                           dense_units=dense_units, dropout=dropout, dropout_all_blocks=dropout_all_blocks,
+                           dense_dropout=dense_dropout, batchnorm=batchnorm, in_channels=in_channels,
+                           image_size=image_size, num_classes=num_classes, name=self.name)
+
+        layers: list[nn.Module] = []
+        c, size = in_channels, image_size
+        for i in range(depth):
+            size = size - kernel_size + 1
+            layers.append(nn.Conv2d(c, channels[i], kernel_size))
+            if batchnorm:
+                layers.append(nn.BatchNorm2d(channels[i]))
+            layers.append(nn.ReLU(inplace=True))
+            if pool[i]:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            if size < 1:
+                raise ConfigError(f"model.depth={depth}: the feature map of {image_size}px images shrinks "
+                                  f"to nothing at block {i + 1}; lower depth or set some model.pool to false")
+            if dropout and (dropout_all_blocks or i == depth - 1):
+                layers.append(nn.Dropout(dropout))
+            c = channels[i]
+        layers.append(nn.Flatten())
+        if depth == 0 and dropout:
+            layers.append(nn.Dropout(dropout))
+        self.backbone = nn.Sequential(*layers)
+        self.num_features = c * size * size
+
+        head: list[nn.Module] = []
+        features = self.num_features
+        if dense_units:
+            head.append(nn.Linear(features, dense_units))
+            if batchnorm:
+                head.append(nn.BatchNorm1d(dense_units))
+            head.append(nn.ReLU(inplace=True))
+            if dense_dropout:
+                head.append(nn.Dropout(dense_dropout))
+            features = dense_units
+        head.append(nn.Linear(features, num_classes))
+        self.head = nn.Sequential(*head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters; BatchNorm running statistics are buffers, not counted."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
