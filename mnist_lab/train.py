@@ -1,0 +1,169 @@
+"""Training entry point: ``train(cfg, output_dir)`` for code, ``python -m mnist_lab.train`` for the shell.
+
+``train`` builds everything from a composed config (see :func:`mnist_lab.config.load_config`),
+checks the config and the data before training starts, fits, tests the best checkpoint and
+writes the run dir:
+
+- ``config.yaml``: the resolved config (Hydra's ``.hydra/`` folder is there too on the CLI);
+- ``checkpoints/best.ckpt`` (lowest ``val/loss``) and ``checkpoints/last.ckpt``;
+- ``metrics.csv``: per-epoch metrics (Lightning's CSVLogger);
+- ``metrics.json``: the run's summary (test metrics, parameter count, timing, splits, seed, ...);
+- ``curves.png``, ``confusion_matrix.png``, ``samples.png``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from mnist_lab.config import instantiate_checked
+from mnist_lab.errors import ConfigError, MnistLabError
+from mnist_lab.models import count_parameters
+from mnist_lab.module import Classifier
+from mnist_lab.plots import plot_confusion_matrix, plot_curves, plot_samples
+
+TEST_KEYS = ("test/acc", "test/loss", "test/precision_macro", "test/recall_macro", "test/f1_macro")
+
+
+def new_run_dir(base: str | Path = "outputs/runs") -> Path:
+    """A fresh, timestamped run dir (to the microsecond, so two runs never share one)."""
+    return Path(base) / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (temp file + rename): readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def build(cfg: DictConfig):
+    """Instantiate ``(datamodule, module)`` from a config. All config errors are raised here.
+
+    Raises:
+        ConfigError: any bad value (dropout, fractions, batch size, depth, dataset, ...).
+    """
+    datamodule = instantiate_checked(cfg.data, _convert_="all")
+    net = instantiate_checked(cfg.model, _convert_="all")
+    optimizer = instantiate_checked(cfg.optimizer)
+    sched_cfg = cfg.get("scheduler")
+    module = Classifier(
+        net,
+        optimizer=optimizer,
+        scheduler=instantiate_checked(sched_cfg.scheduler) if sched_cfg else None,
+        scheduler_interval=sched_cfg.interval if sched_cfg else "epoch",
+        scheduler_monitor=sched_cfg.monitor if sched_cfg else "val/loss",
+        num_classes=datamodule.num_classes,
+    )
+    return datamodule, module
+
+
+def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
+    """Train, test and report one run; returns the contents of ``metrics.json``.
+
+    Args:
+        cfg: composed config (``conf/train.yaml`` + overrides).
+        output_dir: the run dir; ``None`` makes a new one under ``outputs/runs/``.
+
+    Raises:
+        ConfigError: bad config values, before any data is read.
+        DataError: missing or corrupt dataset files, before training starts.
+    """
+    if cfg.get("test_ckpt") not in ("best", "last"):
+        raise ConfigError(f"test_ckpt={cfg.get('test_ckpt')!r} must be 'best' or 'last'")
+    out = Path(output_dir) if output_dir is not None else new_run_dir()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    except OSError as e:
+        raise ConfigError(f"cannot write the run dir {out}: {e.strerror}; choose a writable "
+                          "hydra.run.dir=... (or output_dir)") from None
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule, module = build(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")  # reads and checks the data now, before the trainer starts
+
+    model_name = getattr(module.net, "name", type(module.net).__name__)
+    if cfg.get("plots", True):
+        x, y = datamodule.splits["train"]
+        plot_samples(x[:25], y[:25], out / "samples.png", title="first 25 training digits")
+
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", **cfg.callbacks.checkpoint)
+    callbacks = [checkpoint, Timer(verbose=False)]
+    if cfg.callbacks.get("early_stopping"):
+        callbacks.append(EarlyStopping(**cfg.callbacks.early_stopping))
+    trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, default_root_dir=str(out),
+                                  logger=CSVLogger(save_dir=str(out), name="", version=""))
+    with warnings.catch_warnings():
+        # CSVLogger warns that the run dir is not empty (we wrote config.yaml); it replaces only
+        # metrics.csv. The logging-interval warning is about per-step logs, and we log per epoch.
+        warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        trainer.fit(module, datamodule=datamodule)
+        train_seconds = callbacks[1].time_elapsed("train")
+        epochs = trainer.current_epoch
+        ckpt = checkpoint.best_model_path if cfg.test_ckpt == "best" else checkpoint.last_model_path
+        tested = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False)[0]
+
+    metrics = {
+        "status": "completed",
+        "model": model_name,
+        **{k: float(tested[k]) for k in TEST_KEYS},
+        "best_val/loss": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+        "params_trainable": count_parameters(module.net),
+        "train_seconds": round(train_seconds, 3),
+        "seconds_per_epoch": round(train_seconds / max(epochs, 1), 3),
+        "epochs": epochs,
+        "seed": cfg.seed,
+        "dataset": datamodule.hparams.dataset,
+        "split": datamodule.hparams.split,
+        "split_seed": datamodule.hparams.split_seed,
+        **{f"n_{k}": v for k, v in datamodule.split_sizes.items()},
+        "aug": datamodule.hparams.augment,
+        "batch_size": datamodule.hparams.batch_size,
+        "normalize": {"mode": datamodule.hparams.normalize, "mean": datamodule.mean, "std": datamodule.std},
+        "test_ckpt": os.path.relpath(ckpt, out) if ckpt else None,
+        "device": str(trainer.strategy.root_device),
+        "data_root": str(datamodule.root.resolve()),
+        "run_dir": str(out),
+    }
+    if trainer.is_global_zero:
+        write_json(out / "metrics.json", metrics)
+        if cfg.get("plots", True):
+            plot_curves(out / "metrics.csv", out / "curves.png", title=f"{model_name}")
+            plot_confusion_matrix(module.test_confusion, out / "confusion_matrix.png",
+                                  title=f"{model_name}: test confusion matrix ({cfg.test_ckpt} checkpoint)")
+        print(f"run dir: {out}")
+        print(f"test/acc: {metrics['test/acc']:.4f}  ({model_name}, {epochs} epochs, {train_seconds:.1f} s)")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    """``python -m mnist_lab.train [overrides]``: train one run (or one job of a ``-m`` sweep)."""
+    hc = HydraConfig.get()
+    try:
+        metrics = train(cfg, hc.runtime.output_dir)
+    except MnistLabError as e:
+        if hc.mode == RunMode.MULTIRUN:
+            raise  # the launcher records the failed job
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return metrics["test/acc"]
+
+
+if __name__ == "__main__":
+    main()
