@@ -1,0 +1,66 @@
+"""Shared fixtures: small synthetic MNIST-format datasets written as IDX files, and the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file (magic 0x0803 for 3-D images, 0x0801 for 1-D labels)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = (0x0800 + array.ndim).to_bytes(4, "big")
+    header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def synthetic_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` learnable 28x28 uint8 'digits': class c is a bright 6x6 block at one of 10 positions,
+    jittered by up to 1 px, on faint noise. Labels cycle 0..9 so every class has n/10 images."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    rng.shuffle(labels)
+    images = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        r, q = 4 + 7 * (c // 4), 3 + 6 * (c % 4)
+        dr, dq = rng.integers(-1, 2, size=2)
+        images[i, r + dr: r + dr + 6, q + dq: q + dq + 6] = 255
+    return images, labels
+
+
+def write_synthetic_mnist(root: Path, n_train: int = 900, n_test: int = 100, dataset: str = "MNIST") -> Path:
+    """Write ``root/<dataset>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``; returns ``root``."""
+    raw = root / dataset / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        x, y = synthetic_digits(n, seed)
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", x)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", y)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A data root with 900 train + 100 test synthetic images (pooled 80/10/10 = 800/100/100)."""
+    return write_synthetic_mnist(tmp_path_factory.mktemp("synthetic"))
+
+
+def real_data_root() -> Path | None:
+    """The real MNIST (``$MNIST_LAB_DATA`` or ``../shared/data`` beside the repo), if present."""
+    for root in (os.environ.get("MNIST_LAB_DATA"), REPO.parent / "shared" / "data"):
+        if root and (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+            return Path(root)
+    return None
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    root = real_data_root()
+    if root is None:
+        pytest.skip("real MNIST not found (set MNIST_LAB_DATA or put it in ../shared/data)")
+    return root

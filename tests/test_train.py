@@ -1,0 +1,139 @@
+"""The training entry point: the CLI command as written, library use, config/data errors, real data."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import matplotlib.image
+import pytest
+import torch
+
+from mnist_lab import Classifier, MNISTDataModule, build_model, load_config, train
+from mnist_lab.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def run_cli(args, data_root, tmp_path):
+    env = {**os.environ, "MNIST_LAB_DATA": str(data_root), "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "mnist_lab.train", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_command_trains_and_writes_every_output(synthetic_root, tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli(["model=conv2", "+aug=true", f"hydra.run.dir={run}", "trainer.max_epochs=3", *QUIET],
+                   synthetic_root, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2] == f"run dir: {run}"
+    assert lines[-1].startswith(f"test/acc: {metrics['test/acc']:.4f}")
+
+    for key in ("test/acc", "test/loss", "test/precision_macro", "test/recall_macro", "test/f1_macro"):
+        assert 0 <= metrics[key] <= 1.0001 or key == "test/loss"
+    assert metrics["test/acc"] > 0.5  # 10 classes: chance is 0.1
+    assert metrics["params_trainable"] == 225_034 and metrics["model"] == "conv2"
+    assert (metrics["n_train"], metrics["n_val"], metrics["n_test"]) == (800, 100, 100)
+    assert metrics["seed"] == 42 and metrics["aug"] is True and metrics["status"] == "completed"
+    assert 1 <= metrics["epochs"] <= 3 and metrics["train_seconds"] > 0
+
+    config = (run / "config.yaml").read_text()
+    assert "augment: true" in config and "name: conv2" in config
+    assert (run / ".hydra" / "overrides.yaml").is_file()
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    epochs_with_val = {r["epoch"] for r in rows if r.get("val/loss")}
+    epochs_with_train = {r["epoch"] for r in rows if r.get("train/loss")}
+    assert len(epochs_with_val) == len(epochs_with_train) == metrics["epochs"]
+    for png in ("curves.png", "confusion_matrix.png", "samples.png"):
+        image = matplotlib.image.imread(run / png)
+        assert image.shape[0] > 200 and image.std() > 0.01  # a real picture, not a blank canvas
+
+    ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["MNISTDataModule"]["mean"] == pytest.approx(metrics["normalize"]["mean"])
+    assert ckpt["hyper_parameters"]["net_config"]["name"] == "conv2"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_aug_flag_is_appended_with_plus_and_reaches_the_datamodule():
+    assert load_config([]).data.augment is False
+    assert load_config(["+aug=true"]).data.augment is True
+    assert load_config(["+aug=false"]).data.augment is False
+
+
+def test_train_from_python_without_hydra_run(synthetic_root, tmp_path):
+    cfg = load_config(["model=fc", f"data.root={synthetic_root}", "trainer.max_epochs=2", "plots=false", *QUIET])
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["test/acc"] > 0.5 and metrics["params_trainable"] == 101_770
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+
+
+def test_notebook_style_use_of_the_pieces(synthetic_root):
+    L.seed_everything(0)
+    dm = MNISTDataModule(root=synthetic_root, batch_size=64, augment=True)
+    model = Classifier(build_model("conv3"))
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, dm)
+    result = trainer.test(model, dm, verbose=False)[0]
+    assert result["test/acc"] > 0.5
+
+
+def test_bad_config_values_fail_before_training(synthetic_root, tmp_path):
+    cfg = load_config(["model.dropout=1.5", f"data.root={synthetic_root}"])
+    with pytest.raises(ConfigError, match=r"model.dropout=1.5 is outside \[0, 1\)"):
+        train(cfg, tmp_path / "run")
+    cfg = load_config(["data.fractions=[0.7,0.2,0.2]", f"data.root={synthetic_root}"])
+    with pytest.raises(ConfigError, match="sum to 1"):
+        train(cfg, tmp_path / "run2")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["model=conv9"], 1, "Could not find 'model/conv9'"),
+    (["model.dropout=1.0"], 2, "error: model.dropout=1.0 is outside [0, 1)"),
+    (["data.batch_size=-4"], 2, "error: data.batch_size=-4 must be a positive integer"),
+    (["+aug=maybe"], 2, "error: aug/data.augment must be true or false, got 'maybe'"),
+])
+def test_cli_reports_bad_config_without_a_traceback(args, code, message, synthetic_root, tmp_path):
+    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'run'}"], synthetic_root, tmp_path)
+    assert proc.returncode == code
+    assert message in proc.stderr
+    if code == 1:  # Hydra's own error lists the presets
+        assert "conv1" in proc.stderr and "conv2_bn" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_cli_reports_missing_data_before_training(tmp_path):
+    proc = run_cli([f"hydra.run.dir={tmp_path / 'run'}", "data.download=false"], tmp_path / "nowhere", tmp_path)
+    assert proc.returncode == 2
+    assert f"MNIST not found: looked in {tmp_path / 'nowhere' / 'MNIST' / 'raw'}" in proc.stderr
+    assert "MNIST_LAB_DATA" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_short_run_on_real_mnist_learns(real_root, tmp_path):
+    cfg = load_config(["model=conv2", f"data.root={real_root}", "trainer.max_epochs=1", "plots=false",
+                       "trainer.limit_train_batches=300", "trainer.limit_val_batches=2",
+                       "trainer.limit_test_batches=2", *QUIET])
+    metrics = train(cfg, tmp_path / "run")  # 9,600 training images, 2,000 val and test images
+    assert metrics["test/acc"] > 0.93 and metrics["best_val/loss"] < 0.25
+
+
+@pytest.mark.slow
+def test_published_protocol_conv2_with_augmentation_reaches_99_percent(real_root, tmp_path):
+    cfg = load_config(["model=conv2", "+aug=true", f"data.root={real_root}", *QUIET])
+    assert train(cfg, tmp_path / "run")["test/acc"] >= 0.99
+
+
+@pytest.mark.slow
+def test_published_protocol_fc_on_the_official_split_reaches_97_percent(real_root, tmp_path):
+    cfg = load_config(["model=fc", "data.split=official", f"data.root={real_root}", *QUIET])
+    assert train(cfg, tmp_path / "run")["test/acc"] >= 0.97
