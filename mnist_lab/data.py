@@ -127,9 +127,10 @@ class BatchIndexSampler:
     """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool = False, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"):
         self.n, self.batch_size, self.shuffle, self.drop_last = n, batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.device = torch.device(device)  # where index batches are yielded: the data's device
         self.epoch = 0
         self._epoch_set = False
 
@@ -152,7 +153,7 @@ class BatchIndexSampler:
             order = order[: self.n // self.world_size * self.world_size]
         else:
             order = torch.arange(self.n)
-        order = order[self.rank:: self.world_size]
+        order = order[self.rank:: self.world_size].to(self.device)  # one copy per epoch, not per step
         if not self._epoch_set:
             self.epoch += 1
         self._epoch_set = False
@@ -189,8 +190,7 @@ class InMemoryBatches:
         # and ranks draw independent augmentations
         s = self.sampler
         gen = torch.Generator(device=device).manual_seed((s.seed * 1_000_003 + s.epoch) * 1009 + s.rank + 1)
-        for idx in self.sampler:
-            idx = idx.to(device, non_blocking=True)
+        for idx in s:
             yield self.transform(self.images[idx], gen), self.labels[idx]
 
 
@@ -385,7 +385,7 @@ class MNISTDataModule(L.LightningDataModule):
         bs = self.hparams.batch_size if train else self.hparams.eval_batch_size
         # the shuffling seed follows the training seed (lightning.seed_everything / torch.manual_seed)
         sampler = BatchIndexSampler(len(y), bs, shuffle=train, drop_last=train and self.hparams.drop_last,
-                                    seed=torch.initial_seed() % 2**31, rank=rank, world_size=world)
+                                    seed=torch.initial_seed() % 2**31, rank=rank, world_size=world, device=x.device)
         transform = TrainPreset(self.mean, self.std, self.augmenter) if train else EvalPreset(self.mean, self.std)
         return InMemoryBatches(x, y, sampler, transform)
 

@@ -102,7 +102,8 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
         plot_samples(x[:25], y[:25], out / "samples.png", title="first 25 training digits")
 
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", **cfg.callbacks.checkpoint)
-    callbacks = [checkpoint, Timer(verbose=False)]
+    timer = Timer(verbose=False)  # train_seconds: the fit loop (training + validation epochs)
+    callbacks = [checkpoint, timer]
     if cfg.callbacks.get("early_stopping"):
         callbacks.append(EarlyStopping(**cfg.callbacks.early_stopping))
     trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, default_root_dir=str(out),
@@ -113,7 +114,7 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         trainer.fit(module, datamodule=datamodule)
-        train_seconds = callbacks[1].time_elapsed("train")
+        train_seconds = timer.time_elapsed("train")
         epochs = trainer.current_epoch
         ckpt = checkpoint.best_model_path if cfg.test_ckpt == "best" else checkpoint.last_model_path
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False)[0]
