@@ -22,6 +22,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer
@@ -32,7 +33,7 @@ from mnist_lab.config import instantiate_checked
 from mnist_lab.errors import ConfigError, MnistLabError
 from mnist_lab.models import count_parameters
 from mnist_lab.module import Classifier
-from mnist_lab.plots import plot_confusion_matrix, plot_curves, plot_samples
+from mnist_lab.plots import plot_confusion_matrix, plot_curves, plot_samples, read_epoch_metrics
 
 TEST_KEYS = ("test/acc", "test/loss", "test/precision_macro", "test/recall_macro", "test/f1_macro")
 
@@ -91,6 +92,8 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
         raise ConfigError(f"cannot write the run dir {out}: {e.strerror}; choose a writable "
                           "hydra.run.dir=... (or output_dir)") from None
 
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module = build(cfg)
     datamodule.prepare_data()
@@ -119,11 +122,18 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
         ckpt = checkpoint.best_model_path if cfg.test_ckpt == "best" else checkpoint.last_model_path
         tested = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False)[0]
 
+    history = read_epoch_metrics(out / "metrics.csv")
+    val_loss = history.get("val/loss", {})
+    best_epoch = min(val_loss, key=val_loss.get) if val_loss else None
+    last_epoch = max(val_loss) if val_loss else None
     metrics = {
         "status": "completed",
         "model": model_name,
         **{k: float(tested[k]) for k in TEST_KEYS},
-        "best_val/loss": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+        "best_epoch": best_epoch,
+        **{f"best_{k}": history[k].get(best_epoch) for k in ("val/loss", "val/acc", "val/f1_macro") if k in history},
+        **{f"last_{k}": history[k].get(last_epoch) for k in ("train/loss", "train/acc", "val/loss", "val/acc")
+           if k in history},
         "params_trainable": count_parameters(module.net),
         "train_seconds": round(train_seconds, 3),
         "seconds_per_epoch": round(train_seconds / max(epochs, 1), 3),
@@ -152,18 +162,36 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float:
-    """``python -m mnist_lab.train [overrides]``: train one run (or one job of a ``-m`` sweep)."""
-    hc = HydraConfig.get()
+def record_failure(out: Path, error: BaseException) -> None:
+    """Write ``metrics.json`` with ``status: failed`` and the error, so a sweep summary lists the job."""
     try:
-        metrics = train(cfg, hc.runtime.output_dir)
-    except MnistLabError as e:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "metrics.json", {"status": "failed", "error": f"{type(error).__name__}: {error}",
+                                          "run_dir": str(out)})
+    except OSError:
+        pass  # the run dir itself is not writable: the message on stderr is all there is
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """``python -m mnist_lab.train [overrides]``: train one run, or one job of a ``-m`` sweep.
+
+    A single run that fails on bad input prints one line and exits with code 2. In a sweep, a failed
+    job is recorded in its ``metrics.json`` and the sweep goes on; the summary lists it.
+    """
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    try:
+        return train(cfg, out)["test/acc"]
+    except Exception as e:
+        record_failure(out, e)
         if hc.mode == RunMode.MULTIRUN:
-            raise  # the launcher records the failed job
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    return metrics["test/acc"]
+            print(f"job {hc.job.override_dirname or hc.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return None
+        if isinstance(e, MnistLabError):
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":
