@@ -93,3 +93,89 @@ def _save(fig, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------- sweep plots
+# `groups` are the configurations of mnist_lab.sweep.aggregate: dicts with "label", "factors", "n",
+# (mean, std) pairs per metric, "gap" and "curves".
+
+def plot_acc_vs_params(groups: list[dict], path: str | Path, title: str = "",
+                       reference: list[tuple[float, float]] | None = None) -> Path:
+    """``acc_vs_params.png``: mean test accuracy vs trainable parameters (log x), error bars = std
+    over seeds, one labelled point per configuration; ``reference`` ``(params, accuracy)`` points
+    (e.g. published results) are drawn as crosses."""
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for g in groups:
+        x, (y, err) = g["params_trainable"][0], g["test/acc"]
+        ax.errorbar(x, y, yerr=err, fmt="o", capsize=3)
+        ax.annotate(f"{g['label']} (n={g['n']})", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    if reference:
+        ax.plot(*zip(*reference), "kx", ms=8, label="published")
+        ax.legend(fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel("test top-1 accuracy (mean ± std over seeds)")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_val_curves(groups: list[dict], path: str | Path, title: str = "") -> Path:
+    """``val_curves.png``: val accuracy (left) and val loss (right) per epoch, mean over seeds,
+    one line per configuration."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for g in groups:
+        for ax, metric in zip(axes, ("val/acc", "val/loss")):
+            curve = g["curves"].get(metric, {})
+            if curve:
+                ax.plot([e + 1 for e in curve], list(curve.values()), "o-", ms=3, label=g["label"])
+    for ax, name in zip(axes, ("val top-1 accuracy", "val cross-entropy loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_train_val_gap(groups: list[dict], path: str | Path, title: str = "") -> Path:
+    """``train_val_gap.png``: last-epoch train accuracy minus val accuracy per configuration
+    (train accuracy is measured in train mode, i.e. with dropout and augmentation on)."""
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(groups) + 1.5))
+    labels = [g["label"] for g in groups]
+    ax.barh(range(len(groups)), [g["gap"][0] for g in groups], xerr=[g["gap"][1] for g in groups], capsize=3)
+    ax.set_yticks(range(len(groups)), labels, fontsize=8)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("train acc - val acc, last epoch (mean ± std over seeds)")
+    ax.invert_yaxis()
+    ax.grid(alpha=0.3, axis="x")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_heatmap(groups: list[dict], key_x: str, key_y: str, path: str | Path, title: str = "") -> Path:
+    """``heatmap.png``: mean test accuracy over a 2-factor grid (``key_x`` columns, ``key_y`` rows)."""
+    xs = sorted({g["factors"][key_x] for g in groups if key_x in g["factors"]})
+    ys = sorted({g["factors"][key_y] for g in groups if key_y in g["factors"]})
+    grid = torch.full((len(ys), len(xs)), float("nan"))
+    for g in groups:
+        if key_x in g["factors"] and key_y in g["factors"]:
+            grid[ys.index(g["factors"][key_y]), xs.index(g["factors"][key_x])] = g["test/acc"][0]
+    fig, ax = plt.subplots(figsize=(1.4 * len(xs) + 2.5, 1.0 * len(ys) + 1.8))
+    im = ax.imshow(grid.numpy(), cmap="viridis")
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            if not math.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.4f}", ha="center", va="center", color="white", fontsize=9)
+    ax.set_xticks(range(len(xs)), xs)
+    ax.set_yticks(range(len(ys)), ys)
+    ax.set_xlabel(key_x)
+    ax.set_ylabel(key_y)
+    fig.colorbar(im, ax=ax, label="mean test top-1 accuracy")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,216 @@
+"""Sweep summaries: one table and a few plots for a Hydra multirun sweep dir.
+
+A sweep dir holds one job dir per override set (``outputs/sweeps/<time>/model.depth=2,seed=0/``),
+each with Hydra's ``.hydra/overrides.yaml`` and, once the job has ended, our ``metrics.json``
+(``status: completed`` or ``failed`` with the error). :func:`write_summary` turns it into
+
+- ``summary.csv``: one row per job: every override as a column, trainable parameters, test and best
+  val metrics, epochs, train seconds, status and error;
+- ``summary.md``: the completed jobs grouped over ``seed`` (mean ± sample std, n), and every job that
+  failed or did not finish, with its error;
+- ``acc_vs_params.png``, ``val_curves.png``, ``train_val_gap.png`` and, for a grid of exactly two
+  factors, ``heatmap.png``.
+
+It runs automatically when a multirun ends (:class:`SweepSummary`, a Hydra callback) and by hand
+with ``python scripts/summarize_sweep.py SWEEP_DIR`` (also on a partly failed or unfinished sweep).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
+from mnist_lab.plots import (
+    plot_acc_vs_params,
+    plot_heatmap,
+    plot_train_val_gap,
+    plot_val_curves,
+    read_epoch_metrics,
+)
+
+#: metrics.json values copied into summary.csv, in this order.
+METRICS = ("params_trainable", "test/acc", "test/loss", "test/precision_macro", "test/recall_macro",
+           "test/f1_macro", "best_val/loss", "best_val/acc", "last_train/acc", "last_val/acc", "epochs",
+           "train_seconds")
+
+
+_PARSER = OverridesParser.create()
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """``"+model.batchnorm=True"`` -> ``("model.batchnorm", "true")``: Hydra's parser reads the
+    override (its ``+``/``++``/``~`` prefixes dropped); the value is written back the YAML way."""
+    override = _PARSER.parse_override(text)
+    value = override.value()
+    return override.key_or_group, str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _job_dirs(sweep_dir: Path) -> list[Path]:
+    # rglob: an override value with a '/' (a path) nests the job dir one level deeper
+    return sorted(p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml"))
+
+
+def collect(sweep_dir: str | Path) -> list[dict]:
+    """One dict per job dir: ``job``, ``status``, ``factors`` (override -> value, without the keys
+    Hydra's ``override_dirname`` excludes, e.g. ``sweep``), the :data:`METRICS`, ``error`` and
+    ``history`` (per-epoch metrics from ``metrics.csv``)."""
+    sweep_dir = Path(sweep_dir)
+    rows = []
+    for job in _job_dirs(sweep_dir):
+        hydra_cfg = OmegaConf.load(job / ".hydra" / "hydra.yaml")
+        exclude = set(OmegaConf.select(hydra_cfg, "hydra.job.config.override_dirname.exclude_keys") or [])
+        overrides = OmegaConf.load(job / ".hydra" / "overrides.yaml")
+        factors = dict(parse_override(o) for o in overrides)
+        factors = {k: v for k, v in factors.items() if k not in exclude}
+        metrics_file = job / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {"status": "incomplete"}
+        history_file = job / "metrics.csv"
+        rows.append({
+            "job": str(job.relative_to(sweep_dir)),
+            "status": metrics.get("status", "unknown"),
+            "factors": factors,
+            **{k: metrics.get(k) for k in METRICS},
+            "error": metrics.get("error", "" if metrics.get("status") != "incomplete"
+                                 else "no metrics.json: the job was killed or is still running"),
+            "history": read_epoch_metrics(history_file) if history_file.is_file() else {},
+        })
+    return rows
+
+
+def config_label(factors: dict[str, str]) -> str:
+    """``{"model.batchnorm": "true", "model.dropout": "0.25"}`` -> ``"batchnorm=true, dropout=0.25"``
+    (the last part of each key, unless two keys share it)."""
+    short = [k.rsplit(".", 1)[-1] for k in factors]
+    names = short if len(set(short)) == len(short) else list(factors)
+    return ", ".join(f"{n}={v}" for n, v in zip(names, factors.values())) or "(defaults)"
+
+
+def varying_factors(rows: list[dict], group_out: str = "seed") -> list[str]:
+    """Override keys whose value differs between jobs (``group_out`` left out), sorted."""
+    keys = sorted({k for r in rows for k in r["factors"]} - {group_out})
+    return [k for k in keys if len({r["factors"].get(k) for r in rows}) > 1]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1 in the denominator; 0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(rows: list[dict], group_out: str = "seed") -> list[dict]:
+    """Group the completed jobs by every factor but ``group_out`` (the seed).
+
+    Returns one dict per configuration, in first-seen order: ``label`` (the factors that vary
+    across the sweep), ``factors``, ``n``, and ``(mean, std)`` pairs for the metrics, for ``gap``
+    (last train acc - last val acc) and ``curves`` (per-epoch mean of ``val/acc`` and ``val/loss``).
+    """
+    varying = varying_factors(rows, group_out)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["status"] == "completed":
+            key = tuple((k, v) for k, v in sorted(row["factors"].items()) if k != group_out)
+            groups[key].append(row)
+    out = []
+    for key, members in groups.items():
+        factors = dict(key)
+        label = config_label({k: v for k, v in factors.items() if k in varying})
+        entry = {"label": label, "factors": factors, "n": len(members)}
+        for metric in METRICS:
+            values = [m[metric] for m in members if m[metric] is not None]
+            entry[metric] = mean_std(values) if values else (math.nan, math.nan)
+        gaps = [m["last_train/acc"] - m["last_val/acc"] for m in members
+                if m["last_train/acc"] is not None and m["last_val/acc"] is not None]
+        entry["gap"] = mean_std(gaps) if gaps else (math.nan, math.nan)
+        curves = {}
+        for metric in ("val/acc", "val/loss"):
+            by_epoch = defaultdict(list)
+            for m in members:
+                for epoch, value in m["history"].get(metric, {}).items():
+                    by_epoch[epoch].append(value)
+            curves[metric] = {e: statistics.fmean(v) for e, v in sorted(by_epoch.items())}
+        entry["curves"] = curves
+        out.append(entry)
+    return out
+
+
+def _fmt(pair: tuple[float, float], digits: int = 4) -> str:
+    mean, std = pair
+    return "–" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def write_summary(sweep_dir: str | Path) -> dict:
+    """Write ``summary.csv``, ``summary.md`` and the plots into ``sweep_dir``.
+
+    Returns:
+        ``{"rows": [...], "groups": [...], "files": [paths written], "failed": [rows not completed]}``.
+
+    Raises:
+        FileNotFoundError: ``sweep_dir`` holds no Hydra job dirs.
+    """
+    sweep_dir = Path(sweep_dir)
+    rows = collect(sweep_dir)
+    if not rows:
+        raise FileNotFoundError(f"no Hydra job dirs (*/.hydra/overrides.yaml) under {sweep_dir}")
+    factor_keys = sorted({k for r in rows for k in r["factors"]})
+    files = [sweep_dir / "summary.csv", sweep_dir / "summary.md"]
+    with open(files[0], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["job", "status", *factor_keys, *METRICS, "error"])
+        for r in rows:
+            writer.writerow([r["job"], r["status"], *(r["factors"].get(k, "") for k in factor_keys),
+                             *("" if r[k] is None else r[k] for k in METRICS), r["error"]])
+
+    groups = aggregate(rows)
+    failed = [r for r in rows if r["status"] != "completed"]
+    varying = varying_factors(rows)
+    fixed = sorted({f"{k}={v}" for r in rows for k, v in r["factors"].items() if k not in varying and k != "seed"})
+    lines = [f"# Sweep summary: {sweep_dir.name}", "",
+             f"{len(rows)} jobs: {len(rows) - len(failed)} completed, "
+             f"{sum(r['status'] == 'failed' for r in rows)} failed, "
+             f"{sum(r['status'] == 'incomplete' for r in rows)} incomplete. "
+             "Mean ± sample std over seeds; n = completed seeds.", "",
+             f"Factors: {', '.join(varying) or '(none)'}. Same for every job: {', '.join(fixed) or '(nothing)'}.", "",
+             "| configuration | n | test acc | test macro-F1 | best val acc | trainable params | epochs | train s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for g in groups:
+        params = g["params_trainable"][0]
+        lines.append(f"| {g['label']} | {g['n']} | {_fmt(g['test/acc'])} | {_fmt(g['test/f1_macro'])} | "
+                     f"{_fmt(g['best_val/acc'])} | {params:,.0f} | {g['epochs'][0]:.1f} | "
+                     f"{g['train_seconds'][0]:.1f} |")
+    if failed:
+        lines += ["", "## Jobs that did not complete", "", "| job | status | error |", "| --- | --- | --- |"]
+        lines += [f"| {r['job']} | {r['status']} | {r['error'].replace('|', '/').splitlines()[0]} |"
+                  for r in failed]
+    files[1].write_text("\n".join(lines) + "\n")
+
+    if groups:
+        title = sweep_dir.name
+        files.append(plot_acc_vs_params(groups, sweep_dir / "acc_vs_params.png", title=title))
+        files.append(plot_val_curves(groups, sweep_dir / "val_curves.png", title=title))
+        files.append(plot_train_val_gap(groups, sweep_dir / "train_val_gap.png", title=title))
+        if len(varying) == 2:
+            files.append(plot_heatmap(groups, varying[0], varying[1], sweep_dir / "heatmap.png", title=title))
+    return {"rows": rows, "groups": groups, "files": files, "failed": failed}
+
+
+class SweepSummary(Callback):
+    """Hydra callback (``hydra.callbacks.sweep_summary`` in ``conf/train.yaml``): writes the summary
+    when a multirun ends, and exits with code 1 if any job failed (after writing it)."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        result = write_summary(sweep_dir)
+        print(f"sweep dir: {sweep_dir}")
+        print(f"summary: {sweep_dir / 'summary.md'} ({len(result['rows'])} jobs)")
+        if result["failed"]:
+            print(f"{len(result['failed'])} of {len(result['rows'])} jobs did not complete; "
+                  "their errors are in summary.md", file=sys.stderr)
+            sys.exit(1)

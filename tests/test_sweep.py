@@ -1,0 +1,117 @@
+"""Hydra multirun sweeps and their summary: named job dirs, summary table, plots, failures, launchers."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mnist_lab.sweep import aggregate, mean_std, write_summary
+
+FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3"]
+
+
+def multirun(args, data_root, sweep_dir, tmp_path):
+    env = {**os.environ, "MNIST_LAB_DATA": str(data_root), "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+    return subprocess.run([sys.executable, "-m", "mnist_lab.train", *args, f"hydra.sweep.dir={sweep_dir}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_2x2_grid_gives_4_named_job_dirs_a_summary_and_plots(synthetic_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = multirun(["-m", "model.depth=1,2", "model.batchnorm=false,true", *FAST], synthetic_root, sweep, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    suffix = ",trainer.limit_train_batches=3,trainer.max_epochs=1"
+    assert jobs == [f"model.batchnorm={bn},model.depth={d}{suffix}" for bn in ("False", "True") for d in (1, 2)]
+    rows = read_csv(sweep / "summary.csv")
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
+    by_config = {(r["model.depth"], r["model.batchnorm"]): r for r in rows}
+    assert by_config[("2", "true")]["params_trainable"] == "225482"
+    assert by_config[("1", "false")]["params_trainable"] == "693962"
+    assert all(float(r["test/acc"]) > 0.1 and r["epochs"] == "1" for r in rows)
+    for png in ("acc_vs_params.png", "val_curves.png", "train_val_gap.png", "heatmap.png"):
+        assert (sweep / png).stat().st_size > 10_000
+    md = (sweep / "summary.md").read_text()
+    assert "4 jobs: 4 completed, 0 failed" in md and "| batchnorm=true, depth=2 | 1 |" in md
+    assert f"summary: {sweep / 'summary.md'} (4 jobs)" in proc.stdout
+
+
+def test_a_failing_job_does_not_stop_the_sweep_and_is_listed(synthetic_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = multirun(["-m", "model.dropout=0.0,1.5,0.25", *FAST], synthetic_root, sweep, tmp_path)
+    assert proc.returncode == 1  # the sweep reports its failure, after every job ran and the summary was written
+    rows = {r["model.dropout"]: r for r in read_csv(sweep / "summary.csv")}
+    assert rows["0.0"]["status"] == rows["0.25"]["status"] == "completed"
+    assert rows["1.5"]["status"] == "failed"
+    assert "ConfigError: model.dropout=1.5 is outside [0, 1)" in rows["1.5"]["error"]
+    md = (sweep / "summary.md").read_text()
+    assert "3 jobs: 2 completed, 1 failed" in md and "## Jobs that did not complete" in md
+    assert "model.dropout=1.5" in md and "1 of 3 jobs did not complete" in proc.stderr
+
+
+def test_aug_false_true_sweeps(synthetic_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = multirun(["-m", "+aug=false,true", *FAST], synthetic_root, sweep, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    augs = {r["aug"]: json.loads((sweep / r["job"] / "metrics.json").read_text())["aug"]
+            for r in read_csv(sweep / "summary.csv")}
+    assert augs == {"false": False, "true": True}
+
+
+def test_named_sweep_runs_as_multirun_and_the_command_line_narrows_it(synthetic_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = multirun(["+sweep=aug", "seed=0", *FAST], synthetic_root, sweep, tmp_path)  # no -m needed
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_csv(sweep / "summary.csv")
+    assert sorted((r["aug"], r["seed"]) for r in rows) == [("false", "0"), ("true", "0")]
+    assert all("sweep=" not in r["job"] for r in rows)  # the sweep's name is not a factor
+
+
+def test_parallel_cpu_launcher_runs_jobs_in_two_processes(synthetic_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = multirun(["-m", "+launcher=cpu_parallel", "model=fc,conv1", *FAST], synthetic_root, sweep, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
+    rows = read_csv(sweep / "summary.csv")
+    assert sorted(r["params_trainable"] for r in rows) == ["101770", "693962"]
+    assert all("launcher" not in r["job"] for r in rows)
+
+
+def test_mean_and_std_over_seeds_match_a_hand_computation():
+    def row(dropout, seed, acc, params=100):
+        return {"status": "completed", "factors": {"model.dropout": dropout, "seed": seed}, "history": {},
+                "test/acc": acc, "params_trainable": params, "last_train/acc": acc + 0.01, "last_val/acc": acc,
+                **{k: None for k in ("test/loss", "test/precision_macro", "test/recall_macro", "test/f1_macro",
+                                     "best_val/loss", "best_val/acc", "epochs", "train_seconds")}}
+
+    rows = [row("0.0", "0", 0.97), row("0.0", "1", 0.98), row("0.0", "2", 0.99), row("0.5", "0", 0.95),
+            {"status": "failed", "factors": {"model.dropout": "0.5", "seed": "1"}}]
+    groups = {g["label"]: g for g in aggregate(rows)}
+    assert set(groups) == {"dropout=0.0", "dropout=0.5"}
+    mean, std = groups["dropout=0.0"]["test/acc"]
+    assert groups["dropout=0.0"]["n"] == 3
+    assert mean == pytest.approx(0.98) and std == pytest.approx(0.01)  # sqrt(((-.01)^2 + 0 + .01^2) / 2)
+    assert groups["dropout=0.5"]["test/acc"] == (0.95, 0.0) and groups["dropout=0.5"]["n"] == 1
+    assert groups["dropout=0.0"]["gap"][0] == pytest.approx(0.01)
+    m = 7 / 3
+    assert mean_std([1.0, 2.0, 4.0]) == pytest.approx((m, (((1 - m) ** 2 + (2 - m) ** 2 + (4 - m) ** 2) / 2) ** 0.5))
+
+
+def test_summary_of_an_unfinished_sweep_lists_the_running_job(tmp_path):
+    job = tmp_path / "model=fc"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- model=fc\n")
+    (job / ".hydra" / "hydra.yaml").write_text("hydra: {job: {config: {override_dirname: {exclude_keys: []}}}}\n")
+    result = write_summary(tmp_path)
+    assert [r["status"] for r in result["rows"]] == ["incomplete"]
+    assert "no metrics.json: the job was killed or is still running" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no Hydra job dirs"):
+        write_summary(tmp_path / "empty")
