@@ -40,8 +40,8 @@ def main() -> int:
     groups = aggregate(rows)
 
     lines = ["| experiment | trainable params | published test acc | ours: test acc (mean ± std) | n | "
-             "ours − published | ours: macro-F1 | epochs | train s / run |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "ours − published | ours: macro-F1 | epochs run |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     reference = []
     for g in groups:
         name = g["factors"].get("experiment", g["label"])
@@ -53,7 +53,7 @@ def main() -> int:
         shown = f"{pub_acc:.4f}" if pub_acc is not None else pub.get("note", "–")
         diff = f"{acc - pub_acc:+.4f}" if pub_acc is not None and not math.isnan(acc) else "–"
         lines.append(f"| {name} | {params:,.0f} | {shown} | {acc:.4f} ± {std:.4f} | {g['n']} | {diff} | "
-                     f"{g['test/f1_macro'][0]:.4f} | {g['epochs'][0]:.1f} | {g['train_seconds'][0]:.0f} |")
+                     f"{g['test/f1_macro'][0]:.4f} | {g['epochs'][0]:.1f} |")
     failed = [r for r in rows if r["status"] != "completed"]
     if failed:
         lines.append(f"\n{len(failed)} jobs did not complete: " + ", ".join(r["job"] for r in failed))
