@@ -179,3 +179,68 @@ def plot_heatmap(groups: list[dict], key_x: str, key_y: str, path: str | Path, t
     ax.set_title(title)
     fig.tight_layout()
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------- evaluation plots
+def plot_robustness(results: dict[str, dict[str, dict[str, float]]], path: str | Path, title: str = "") -> Path:
+    """``robustness.png``: accuracy vs perturbation strength, one panel per perturbation, one line
+    per model: ``results = {model label: {kind: {strength: accuracy}}}`` (an overlay for several)."""
+    kinds = list(next(iter(results.values())))
+    units = {"rotation": "degrees", "translation": "pixels", "zoom": "scale factor", "noise": "noise std",
+             "elastic": "alpha (px)"}
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.3 * len(kinds), 3.4), sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for label, res in results.items():
+            if kind in res:
+                xs = [float(s) for s in res[kind]]
+                ax.plot(xs, list(res[kind].values()), "o-", ms=3, label=label)
+        ax.set_title(kind)
+        ax.set_xlabel(units.get(kind, "strength"))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test top-1 accuracy")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_reliability(bins: list[dict], path: str | Path, title: str = "") -> Path:
+    """``calibration.png``: reliability diagram (accuracy vs mean confidence per confidence bin,
+    bar width = bin) and the share of images per bin."""
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(5.2, 6), height_ratios=[3, 1], sharex=True)
+    full = [b for b in bins if b["count"]]
+    width = bins[0]["upper"] - bins[0]["lower"]
+    ax.bar([b["lower"] for b in full], [b["accuracy"] for b in full], width=width, align="edge",
+           edgecolor="black", alpha=0.8, label="accuracy")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.plot([b["confidence"] for b in full], [b["accuracy"] for b in full], "r.", label="mean confidence")
+    ax.set_ylabel("accuracy in bin")
+    ax.legend(fontsize=8)
+    total = sum(b["count"] for b in bins)
+    ax2.bar([b["lower"] for b in bins], [b["count"] / max(total, 1) for b in bins], width=width, align="edge")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("confidence (max softmax probability)")
+    ax2.set_ylabel("share")
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_gallery(images: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, path: str | Path,
+                 title: str = "") -> Path:
+    """A grid of digits ``(N, 28, 28)``, each titled with its true label and top-3 probabilities
+    (``errors.png``, ``predictions.png``)."""
+    n = max(int(images.shape[0]), 1)
+    cols = min(n, 5)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.3 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < images.shape[0]:
+            ax.imshow(images[k].float().numpy(), cmap="gray_r")
+            top = probs[k].topk(3)
+            text = " ".join(f"{int(c)}:{float(p):.2f}" for p, c in zip(top.values, top.indices))
+            ax.set_title(f"true {int(labels[k])}\n{text}", fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,163 @@
+"""Classify your own digit images with a trained checkpoint.
+
+``python -m mnist_lab.predict ckpt_path=PATH inputs='digits/*.png' [output_csv=predictions.csv]``
+prints one line per file (file, predicted class, probability, top-3) and can write the same as CSV.
+A file that cannot be read as an image (not an image, empty, blank) gets an error on its line; the
+other files are still classified.
+
+Images of any size, grayscale or RGB(A), dark-on-light or light-on-dark, are converted to MNIST's
+form the way the MNIST digits were made (LeCun, Cortes & Burges, "The MNIST database"): the digit,
+light on a dark background, is fitted into a 20x20 pixel box keeping its aspect ratio and placed in
+a 28x28 image so that its centre of mass is at the centre (see :func:`to_mnist_form`).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms.v2.functional import pil_to_tensor, resize
+
+from mnist_lab.errors import ConfigError, MnistLabError
+from mnist_lab.evaluate import load_checkpoint, predict_logits
+from mnist_lab.transforms import EvalPreset
+
+BOX = 20    # pixels: the digit's longer side after resizing (MNIST)
+SIZE = 28   # pixels: output image side
+
+
+def to_mnist_form(image: torch.Tensor) -> torch.Tensor:
+    """Convert a grayscale image to MNIST's form.
+
+    Steps: scale to [0, 1]; if the border (2 px frame) is brighter than 0.5 on average, invert
+    (dark-on-light -> light-on-dark); subtract the border's median (paper or screen background) and
+    rescale so the brightest pixel is 1; crop to the pixels above 0.2; resize (antialiased) so the
+    longer side is 20 px; paste into 28x28 with the centre of mass at (14, 14).
+
+    Args:
+        image: uint8 ``(H, W)`` or ``(1, H, W)``.
+
+    Returns:
+        uint8 ``(28, 28)``, light digit on black.
+
+    Raises:
+        ValueError: the image is blank (no pixel differs from the background).
+    """
+    x = image.reshape(image.shape[-2], image.shape[-1]).float() / 255.0
+    frame = torch.cat([x[:2].flatten(), x[-2:].flatten(), x[:, :2].flatten(), x[:, -2:].flatten()])
+    if frame.mean() > 0.5:
+        x, frame = 1.0 - x, 1.0 - frame
+    x = (x - frame.median()).clamp_(min=0)
+    if float(x.max()) < 1e-3:
+        raise ValueError("the image is blank: no pixel stands out from the background")
+    x = x / x.max()
+    rows, cols = torch.nonzero(x.amax(1) > 0.2).flatten(), torch.nonzero(x.amax(0) > 0.2).flatten()
+    x = x[int(rows[0]): int(rows[-1]) + 1, int(cols[0]): int(cols[-1]) + 1]
+    h, w = x.shape
+    scale = BOX / max(h, w)
+    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    glyph = resize(x[None], [nh, nw], antialias=True)[0].clamp_(0, 1)
+    ys, xs = torch.arange(nh, dtype=torch.float32), torch.arange(nw, dtype=torch.float32)
+    mass = glyph.sum()
+    cy, cx = float((glyph.sum(1) * ys).sum() / mass), float((glyph.sum(0) * xs).sum() / mass)
+    top = min(max(round(SIZE / 2 - 0.5 - cy), 0), SIZE - nh)
+    left = min(max(round(SIZE / 2 - 0.5 - cx), 0), SIZE - nw)
+    out = torch.zeros(SIZE, SIZE)
+    out[top: top + nh, left: left + nw] = glyph
+    return (out * 255).round().to(torch.uint8)
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """Read an image file (PNG, JPEG, GIF, WebP, BMP, ...) and convert it with :func:`to_mnist_form`;
+    returns uint8 ``(28, 28)``. Files are decoded by Pillow (torchvision's own decoders are
+    deprecated since torchvision 0.29) and converted to grayscale (ITU-R 601 luma).
+
+    Raises:
+        ValueError: empty file, not an image, or a blank image (the message says which).
+    """
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ValueError("empty file (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            image = pil_to_tensor(im.convert("L"))
+    except (UnidentifiedImageError, OSError) as e:
+        reason = "not an image file Pillow can decode" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise ValueError(reason) from None
+    return to_mnist_form(image)
+
+
+def predict_files(model: torch.nn.Module, preset: EvalPreset, paths: list[str | Path], top_k: int = 3) -> list[dict]:
+    """Classify image files. One dict per file, in order: ``file``, ``prediction`` (int or None),
+    ``probability`` (of the prediction), ``top`` (``[(class, probability), ...]``), ``error`` ("" if none)."""
+    rows, images, ok = [], [], []
+    for p in paths:
+        try:
+            images.append(load_image(p))
+            ok.append(len(rows))
+            rows.append({"file": str(p), "prediction": None, "probability": None, "top": [], "error": ""})
+        except (ValueError, OSError) as e:
+            rows.append({"file": str(p), "prediction": None, "probability": None, "top": [], "error": str(e)})
+    if images:
+        probs = predict_logits(model, torch.stack(images), preset).softmax(1).cpu()
+        for i, p in zip(ok, probs):
+            top = p.topk(min(top_k, p.numel()))
+            rows[i]["top"] = [(int(c), float(v)) for v, c in zip(top.values, top.indices)]
+            rows[i]["prediction"], rows[i]["probability"] = rows[i]["top"][0]
+    return rows
+
+
+def expand_inputs(inputs) -> list[str]:
+    """``inputs`` as a glob pattern, a file, or a list of either -> sorted file list.
+
+    Raises:
+        ConfigError: nothing matched.
+    """
+    patterns = [inputs] if isinstance(inputs, str) else list(inputs or [])
+    files = sorted({f for pattern in patterns for f in (glob.glob(pattern) or [])})
+    if not files:
+        raise ConfigError(f"inputs={inputs!r} matched no file; quote a glob, e.g. inputs='digits/*.png'")
+    return files
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+def main(cfg: DictConfig) -> None:
+    """``python -m mnist_lab.predict ckpt_path=PATH inputs='digits/*.png' [output_csv=FILE]``."""
+    try:
+        if not cfg.ckpt_path:
+            raise ConfigError("give ckpt_path=<run dir>/checkpoints/best.ckpt")
+        files = expand_inputs(cfg.inputs)
+        model, dm = load_checkpoint(cfg.ckpt_path)
+        rows = predict_files(model, EvalPreset(dm.mean, dm.std), files, top_k=cfg.top_k)
+    except MnistLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    width = max(len(r["file"]) for r in rows)
+    print(f"{'file':<{width}}  class  probability  top-{cfg.top_k}")
+    for r in rows:
+        if r["error"]:
+            print(f"{r['file']:<{width}}  error: {r['error']}")
+        else:
+            top = " ".join(f"{c}:{p:.3f}" for c, p in r["top"])
+            print(f"{r['file']:<{width}}  {r['prediction']:>5}  {r['probability']:>11.4f}  {top}")
+    if cfg.output_csv:
+        with open(cfg.output_csv, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", "prediction", "probability", "top", "error"])
+            for r in rows:
+                writer.writerow([r["file"], r["prediction"], r["probability"],
+                                 " ".join(f"{c}:{p:.4f}" for c, p in r["top"]), r["error"]])
+        print(f"wrote {cfg.output_csv}")
+    failed = sum(bool(r["error"]) for r in rows)
+    if failed:
+        print(f"{failed} of {len(rows)} files could not be classified", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
