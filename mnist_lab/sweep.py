@@ -8,8 +8,9 @@ each with Hydra's ``.hydra/overrides.yaml`` and, once the job has ended, our ``m
   val metrics, epochs, train seconds, status and error;
 - ``summary.md``: the completed jobs grouped over ``seed`` (mean ± sample std, n), and every job that
   failed or did not finish, with its error;
-- ``acc_vs_params.png``, ``val_curves.png``, ``train_val_gap.png`` and, for a grid of exactly two
-  factors, ``heatmap.png``.
+- ``acc_vs_params.png``, ``val_curves.png``, ``train_val_gap.png``, ``robustness.png`` (accuracy vs
+  perturbation strength, one line per configuration) and, for a grid of exactly two factors,
+  ``heatmap.png``.
 
 It runs automatically when a multirun ends (:class:`SweepSummary`, a Hydra callback) and by hand
 with ``python scripts/summarize_sweep.py SWEEP_DIR`` (also on a partly failed or unfinished sweep).
@@ -32,6 +33,7 @@ from omegaconf import OmegaConf
 from mnist_lab.plots import (
     plot_acc_vs_params,
     plot_heatmap,
+    plot_robustness,
     plot_train_val_gap,
     plot_val_curves,
     read_epoch_metrics,
@@ -40,7 +42,7 @@ from mnist_lab.plots import (
 #: metrics.json values copied into summary.csv, in this order.
 METRICS = ("params_trainable", "test/acc", "test/loss", "test/precision_macro", "test/recall_macro",
            "test/f1_macro", "best_val/loss", "best_val/acc", "last_train/acc", "last_val/acc", "epochs",
-           "train_seconds")
+           "train_seconds", "test/ece", "robustness/mean", "robustness/rotation_20", "robustness/translation_4")
 
 
 _PARSER = OverridesParser.create()
@@ -74,6 +76,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         metrics_file = job / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {"status": "incomplete"}
         history_file = job / "metrics.csv"
+        robustness_file = job / "robustness.json"
         rows.append({
             "job": str(job.relative_to(sweep_dir)),
             "status": metrics.get("status", "unknown"),
@@ -82,6 +85,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             "error": metrics.get("error", "" if metrics.get("status") != "incomplete"
                                  else "no metrics.json: the job was killed or is still running"),
             "history": read_epoch_metrics(history_file) if history_file.is_file() else {},
+            "robustness": json.loads(robustness_file.read_text())["accuracy"] if robustness_file.is_file() else {},
         })
     return rows
 
@@ -137,6 +141,12 @@ def aggregate(rows: list[dict], group_out: str = "seed") -> list[dict]:
                     by_epoch[epoch].append(value)
             curves[metric] = {e: statistics.fmean(v) for e, v in sorted(by_epoch.items())}
         entry["curves"] = curves
+        robust: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for m in members:
+            for kind, res in m.get("robustness", {}).items():
+                for strength, acc in res.items():
+                    robust[kind][strength].append(acc)
+        entry["robustness"] = {k: {st: statistics.fmean(v) for st, v in r.items()} for k, r in robust.items()}
         out.append(entry)
     return out
 
@@ -176,14 +186,17 @@ def write_summary(sweep_dir: str | Path) -> dict:
              f"{len(rows)} jobs: {len(rows) - len(failed)} completed, "
              f"{sum(r['status'] == 'failed' for r in rows)} failed, "
              f"{sum(r['status'] == 'incomplete' for r in rows)} incomplete. "
-             "Mean ± sample std over seeds; n = completed seeds.", "",
+             "Mean ± sample std over seeds; n = completed seeds. Robust acc: mean test accuracy over the "
+             "perturbations of the evaluation suite (rotation, shift, zoom, noise, elastic; strength > 0).", "",
              f"Factors: {', '.join(varying) or '(none)'}. Same for every job: {', '.join(fixed) or '(nothing)'}.", "",
-             "| configuration | n | test acc | test macro-F1 | best val acc | trainable params | epochs | train s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| configuration | n | test acc | test macro-F1 | best val acc | robust acc | trainable params "
+             "| epochs | train s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for g in groups:
         params = g["params_trainable"][0]
         lines.append(f"| {g['label']} | {g['n']} | {_fmt(g['test/acc'])} | {_fmt(g['test/f1_macro'])} | "
-                     f"{_fmt(g['best_val/acc'])} | {params:,.0f} | {g['epochs'][0]:.1f} | "
+                     f"{_fmt(g['best_val/acc'])} | {_fmt(g['robustness/mean'])} | {params:,.0f} | "
+                     f"{g['epochs'][0]:.1f} | "
                      f"{g['train_seconds'][0]:.1f} |")
     if failed:
         lines += ["", "## Jobs that did not complete", "", "| job | status | error |", "| --- | --- | --- |"]
@@ -196,6 +209,9 @@ def write_summary(sweep_dir: str | Path) -> dict:
         files.append(plot_acc_vs_params(groups, sweep_dir / "acc_vs_params.png", title=title))
         files.append(plot_val_curves(groups, sweep_dir / "val_curves.png", title=title))
         files.append(plot_train_val_gap(groups, sweep_dir / "train_val_gap.png", title=title))
+        robust = {g["label"]: g["robustness"] for g in groups if g["robustness"]}
+        if robust:
+            files.append(plot_robustness(robust, sweep_dir / "robustness.png", title=f"{title}: mean over seeds"))
         if len(varying) == 2:
             files.append(plot_heatmap(groups, varying[0], varying[1], sweep_dir / "heatmap.png", title=title))
     return {"rows": rows, "groups": groups, "files": files, "failed": failed}

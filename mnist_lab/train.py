@@ -152,14 +152,28 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
         "run_dir": str(out),
     }
     if trainer.is_global_zero:
-        write_json(out / "metrics.json", metrics)
+        write_json(out / "metrics.json", metrics)  # first, so a failing evaluation loses nothing
         if cfg.get("plots", True):
             plot_curves(out / "metrics.csv", out / "curves.png", title=f"{model_name}")
             plot_confusion_matrix(module.test_confusion, out / "confusion_matrix.png",
                                   title=f"{model_name}: test confusion matrix ({cfg.test_ckpt} checkpoint)")
+        if cfg.get("eval", {}).get("full", False) and ckpt:
+            metrics.update(full_evaluation(ckpt, out, datamodule, cfg.eval, plots=cfg.get("plots", True)))
+            write_json(out / "metrics.json", metrics)
         print(f"run dir: {out}")
         print(f"test/acc: {metrics['test/acc']:.4f}  ({model_name}, {epochs} epochs, {train_seconds:.1f} s)")
     return metrics
+
+
+def full_evaluation(ckpt: str, out: Path, datamodule, eval_cfg, plots: bool = True) -> dict:
+    """Run :func:`mnist_lab.evaluate.evaluate_checkpoint` on the tested checkpoint; returns the
+    figures ``metrics.json`` gains: ECE, NLL, temperature, and robustness headline accuracies."""
+    from mnist_lab.evaluate import evaluate_checkpoint, robustness_headline
+
+    result = evaluate_checkpoint(ckpt, out, data_root=datamodule.root, seed=eval_cfg.seed,
+                                 temperature=eval_cfg.temperature, max_images=eval_cfg.max_images, plots=plots)
+    keep = ("test/ece", "test/nll", "temperature", "test/ece_scaled", "test/nll_scaled")
+    return {**{k: result[k] for k in keep if k in result}, **robustness_headline(result["robustness"])}
 
 
 def record_failure(out: Path, error: BaseException) -> None:

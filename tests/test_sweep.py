@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mnist_lab.sweep import aggregate, mean_std, write_summary
+from mnist_lab.sweep import METRICS, aggregate, mean_std, write_summary
 
 FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3"]
 
@@ -37,7 +37,8 @@ def test_a_2x2_grid_gives_4_named_job_dirs_a_summary_and_plots(synthetic_root, t
     assert by_config[("2", "true")]["params_trainable"] == "225482"
     assert by_config[("1", "false")]["params_trainable"] == "693962"
     assert all(float(r["test/acc"]) > 0.1 and r["epochs"] == "1" for r in rows)
-    for png in ("acc_vs_params.png", "val_curves.png", "train_val_gap.png", "heatmap.png"):
+    assert all(0 <= float(r["robustness/mean"]) <= 1 and r["test/ece"] for r in rows)  # the evaluation suite ran
+    for png in ("acc_vs_params.png", "val_curves.png", "train_val_gap.png", "heatmap.png", "robustness.png"):
         assert (sweep / png).stat().st_size > 10_000
     md = (sweep / "summary.md").read_text()
     assert "4 jobs: 4 completed, 0 failed" in md and "| batchnorm=true, depth=2 | 1 |" in md
@@ -87,10 +88,9 @@ def test_parallel_cpu_launcher_runs_jobs_in_two_processes(synthetic_root, tmp_pa
 
 def test_mean_and_std_over_seeds_match_a_hand_computation():
     def row(dropout, seed, acc, params=100):
+        given = {"test/acc": acc, "params_trainable": params, "last_train/acc": acc + 0.01, "last_val/acc": acc}
         return {"status": "completed", "factors": {"model.dropout": dropout, "seed": seed}, "history": {},
-                "test/acc": acc, "params_trainable": params, "last_train/acc": acc + 0.01, "last_val/acc": acc,
-                **{k: None for k in ("test/loss", "test/precision_macro", "test/recall_macro", "test/f1_macro",
-                                     "best_val/loss", "best_val/acc", "epochs", "train_seconds")}}
+                "robustness": {"rotation": {"20": acc - 0.1}}, **{k: given.get(k) for k in METRICS}}
 
     rows = [row("0.0", "0", 0.97), row("0.0", "1", 0.98), row("0.0", "2", 0.99), row("0.5", "0", 0.95),
             {"status": "failed", "factors": {"model.dropout": "0.5", "seed": "1"}}]
@@ -101,6 +101,7 @@ def test_mean_and_std_over_seeds_match_a_hand_computation():
     assert mean == pytest.approx(0.98) and std == pytest.approx(0.01)  # sqrt(((-.01)^2 + 0 + .01^2) / 2)
     assert groups["dropout=0.5"]["test/acc"] == (0.95, 0.0) and groups["dropout=0.5"]["n"] == 1
     assert groups["dropout=0.0"]["gap"][0] == pytest.approx(0.01)
+    assert groups["dropout=0.0"]["robustness"]["rotation"]["20"] == pytest.approx(0.88)
     m = 7 / 3
     assert mean_std([1.0, 2.0, 4.0]) == pytest.approx((m, (((1 - m) ** 2 + (2 - m) ** 2 + (4 - m) ** 2) / 2) ** 0.5))
 
@@ -115,3 +116,21 @@ def test_summary_of_an_unfinished_sweep_lists_the_running_job(tmp_path):
     assert "no metrics.json: the job was killed or is still running" in (tmp_path / "summary.md").read_text()
     with pytest.raises(FileNotFoundError, match="no Hydra job dirs"):
         write_summary(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(("launcher", "target"), [
+    ("cpu_parallel", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+    ("slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+])
+def test_launcher_configs_compose_with_their_hydra_plugins(launcher, target):
+    from hydra import compose, initialize_config_dir
+
+    from mnist_lab.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == target
+    if launcher == "cpu_parallel":
+        assert cfg.hydra.launcher.n_jobs * cfg.threads <= 2  # fits the 2-core machines this runs on
+    else:
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min == 60
