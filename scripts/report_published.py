@@ -38,6 +38,11 @@ def main() -> int:
         cfg = OmegaConf.load(sweep / r["job"] / "config.yaml") if (sweep / r["job"] / "config.yaml").is_file() else {}
         published.setdefault(r["factors"].get("experiment"), OmegaConf.select(cfg, "published") or {})
     groups = aggregate(rows)
+    multirun = OmegaConf.load(sweep / "multirun.yaml") if (sweep / "multirun.yaml").is_file() else {}
+    params = OmegaConf.select(multirun, "hydra.sweeper.params") or {}
+    listed = str(params.get("+experiment", "")).split(",")
+    groups.sort(key=lambda g: listed.index(g["factors"].get("experiment")) if g["factors"].get("experiment")
+                in listed else len(listed))  # the order of conf/sweep/published.yaml
 
     lines = ["| experiment | trainable params | published test acc | ours: test acc (mean ± std) | n | "
              "ours − published | ours: macro-F1 | epochs run |",
