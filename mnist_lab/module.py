@@ -1,7 +1,9 @@
 """Classifier: the one LightningModule, wrapping any backbone that maps images to logits.
 
 Train, validation and test share ``model_step`` (cross-entropy on logits). Metrics are
-torchmetrics objects, accumulated on the device and computed once per epoch (no per-step sync):
+torchmetrics objects, accumulated on the device and computed and logged once per epoch (no
+per-step ``self.log``, sync or ``.item()``: on a 2-core CPU those cost ~0.7 ms per step, more than
+an ``fc`` step's arithmetic):
 top-1 accuracy (``acc``) for train/val/test; macro precision, recall and F1 for val/test; the
 confusion matrix for test (``test_confusion``, rows = true class, columns = predicted).
 Logged names: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/precision_macro``,
@@ -16,7 +18,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -67,7 +69,9 @@ class Classifier(L.LightningModule):
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        # training metrics see every step: skip torchmetrics' input validation (a host sync)
+        self.train_loss = MeanMetric()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_metrics = _eval_metrics(num_classes, "val/")
         self.test_metrics = _eval_metrics(num_classes, "test/")
         self.test_confmat = MulticlassConfusionMatrix(num_classes)
@@ -85,10 +89,15 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, logits, y = self.model_step(batch)
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.numel())
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.train_loss.update(loss.detach(), y.numel())  # mean over images
+        self.train_acc.update(logits.detach(), y)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/loss", self.train_loss.compute(), prog_bar=True)
+        self.log("train/acc", self.train_acc.compute(), prog_bar=True)
+        self.train_loss.reset()
+        self.train_acc.reset()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, logits, y = self.model_step(batch)

@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -109,6 +109,8 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> dict:
     callbacks = [checkpoint, timer]
     if cfg.callbacks.get("early_stopping"):
         callbacks.append(EarlyStopping(**cfg.callbacks.early_stopping))
+    if cfg.trainer.get("enable_progress_bar", True) and cfg.callbacks.get("progress_bar"):
+        callbacks.append(TQDMProgressBar(**cfg.callbacks.progress_bar))
     trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, default_root_dir=str(out),
                                   logger=CSVLogger(save_dir=str(out), name="", version=""))
     with warnings.catch_warnings():
