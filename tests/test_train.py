@@ -122,9 +122,10 @@ def test_cli_reports_missing_data_before_training(tmp_path):
 def test_a_short_run_on_real_mnist_learns(real_root, tmp_path):
     cfg = load_config(["model=conv2", f"data.root={real_root}", "trainer.max_epochs=1", "plots=false",
                        "trainer.limit_train_batches=300", "trainer.limit_val_batches=2",
-                       "trainer.limit_test_batches=2", *QUIET])
+                       "trainer.limit_test_batches=2", "eval.max_images=1000", *QUIET])
     metrics = train(cfg, tmp_path / "run")  # 9,600 training images, 2,000 val and test images
     assert metrics["test/acc"] > 0.93 and metrics["best_val/loss"] < 0.25
+    assert metrics["robustness/rotation_20"] < metrics["test/acc"]  # the suite ran on real digits
 
 
 @pytest.mark.slow
