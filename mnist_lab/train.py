@@ -67,6 +67,7 @@ def build(cfg: DictConfig):
         scheduler_interval=sched_cfg.interval if sched_cfg else "epoch",
         scheduler_monitor=sched_cfg.monitor if sched_cfg else "val/loss",
         num_classes=datamodule.num_classes,
+        **cfg.get("speed", {}),
     )
     return datamodule, module
 

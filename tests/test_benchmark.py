@@ -68,3 +68,54 @@ def test_train_metrics_are_image_means_over_the_epoch(synthetic_root):
         logits = model.net.eval()(EvalPreset(dm.mean, dm.std)(x))
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(float(F.cross_entropy(logits, y)), abs=1e-5)
     assert float(trainer.callback_metrics["train/acc"]) == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+
+
+def fit_a_few_steps(synthetic_root, classifier, precision="32-true", epochs=3, **trainer_kwargs):
+    torch.manual_seed(0)
+    dm = MNISTDataModule(root=synthetic_root, batch_size=64)
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", precision=precision, logger=False,
+                        enable_checkpointing=False, limit_val_batches=0, enable_progress_bar=False,
+                        enable_model_summary=False, **trainer_kwargs)
+    dm.setup()
+    x, y = dm.splits["train"]
+    xb, yb = EvalPreset(dm.mean, dm.std)(x[:256]), y[:256]
+    with torch.no_grad():
+        before = float(F.cross_entropy(classifier.eval()(xb), yb))
+    trainer.fit(classifier.train(), dm)
+    with torch.no_grad():
+        after = float(F.cross_entropy(classifier.eval()(xb), yb))
+    return before, after, trainer
+
+
+@pytest.mark.parametrize(("switch", "precision"), [
+    ({"channels_last": True}, "32-true"),
+    ({}, "bf16-mixed"),
+    ({"compile": True}, "32-true"),
+])
+def test_speed_switches_keep_conv2s_parameters_and_still_learn(synthetic_root, switch, precision):
+    classifier = Classifier(build_model("conv2"), **switch)
+    assert sum(p.numel() for p in classifier.parameters() if p.requires_grad) == 225_034
+    assert list(classifier.state_dict()) == list(Classifier(build_model("conv2")).state_dict())  # loadable
+    before, after, _ = fit_a_few_steps(synthetic_root, classifier, precision=precision)
+    assert after < 0.5 * before
+
+
+def test_onecycle_is_sized_to_the_run(synthetic_root):
+    scheduler = partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01)
+    classifier = Classifier(build_model("fc"), scheduler=scheduler, scheduler_interval="step")
+    before, after, trainer = fit_a_few_steps(synthetic_root, classifier, epochs=2)
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert sched.total_steps == trainer.estimated_stepping_batches == 2 * 13  # 800 images / 64 per batch
+    assert sched.last_epoch == sched.total_steps  # stepped once per batch, to the end of the cycle
+    assert after < before
+
+
+def test_speedrun_recipe_runs_through_the_normal_entry_point(synthetic_root, tmp_path):
+    from mnist_lab import load_config, train
+
+    cfg = load_config(["+experiment=speedrun", f"data.root={synthetic_root}", "trainer.enable_progress_bar=false"])
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.trainer.precision) == (256, 1, "bf16-mixed")
+    assert cfg.scheduler.scheduler._target_.endswith("OneCycleLR") and cfg.speed.channels_last
+    cfg.data.batch_size = 32  # 800 synthetic images: 25 steps (OneCycle needs more than 4)
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["params_trainable"] == 225_034 and metrics["epochs"] == 1 and metrics["n_test"] == 100
