@@ -114,8 +114,8 @@ def test_speedrun_recipe_runs_through_the_normal_entry_point(synthetic_root, tmp
     from mnist_lab import load_config, train
 
     cfg = load_config(["+experiment=speedrun", f"data.root={synthetic_root}", "trainer.enable_progress_bar=false"])
-    assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.trainer.precision) == (256, 1, "bf16-mixed")
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.trainer.precision) == (256, 2, "bf16-mixed")
     assert cfg.scheduler.scheduler._target_.endswith("OneCycleLR") and cfg.speed.channels_last
     cfg.data.batch_size = 32  # 800 synthetic images: 25 steps (OneCycle needs more than 4)
     metrics = train(cfg, tmp_path / "run")
-    assert metrics["params_trainable"] == 225_034 and metrics["epochs"] == 1 and metrics["n_test"] == 100
+    assert metrics["params_trainable"] == 225_034 and metrics["epochs"] == 2 and metrics["n_test"] == 100
