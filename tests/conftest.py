@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,6 +49,14 @@ def write_synthetic_mnist(root: Path, n_train: int = 900, n_test: int = 100, dat
 def synthetic_root(tmp_path_factory) -> Path:
     """A data root with 900 train + 100 test synthetic images (pooled 80/10/10 = 800/100/100)."""
     return write_synthetic_mnist(tmp_path_factory.mktemp("synthetic"))
+
+
+def centroid(x: torch.Tensor) -> torch.Tensor:
+    """``(B, 2)`` intensity centroid ``(x, y)`` in pixels of images ``(B, C, H, W)``."""
+    h, w = x.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
+    m = x.sum((1, 2, 3))
+    return torch.stack([(x * xs).sum((1, 2, 3)) / m, (x * ys).sum((1, 2, 3)) / m], 1)
 
 
 def real_data_root() -> Path | None:

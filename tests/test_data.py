@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import synthetic_digits, write_idx, write_synthetic_mnist
+from conftest import centroid, synthetic_digits, write_idx, write_synthetic_mnist
 
 from mnist_lab.data import BatchIndexSampler, MNISTDataModule, stratified_split
 from mnist_lab.errors import ConfigError, DataError
@@ -116,14 +116,6 @@ def blob(n=1, size=28) -> torch.Tensor:
     x = torch.zeros(n, 1, size, size)
     x[:, :, 11:17, 9:19] = 1.0
     return x
-
-
-def centroid(x: torch.Tensor) -> torch.Tensor:
-    """(B, 2) intensity centroid (x, y) in pixels."""
-    h, w = x.shape[-2:]
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=x.dtype), torch.arange(w, dtype=x.dtype), indexing="ij")
-    m = x.sum((1, 2, 3))
-    return torch.stack([(x * xs).sum((1, 2, 3)) / m, (x * ys).sum((1, 2, 3)) / m], 1)
 
 
 def test_affine_matches_exact_reference_transforms():

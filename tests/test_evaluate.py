@@ -9,7 +9,7 @@ import sys
 import lightning as L
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, centroid
 from PIL import Image
 from torchvision.transforms.v2.functional import resize
 
@@ -38,12 +38,6 @@ def blob(n=4):
     x[:, :, 6:12, 5:19] = 1.0
     x[:, :, 12:22, 15:19] = 0.6
     return x
-
-
-def centroid(x):
-    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
-    m = x.sum((1, 2, 3))
-    return torch.stack([(x * xs).sum((1, 2, 3)) / m, (x * ys).sum((1, 2, 3)) / m], 1)
 
 
 # ---------------------------------------------------------------- perturbations
