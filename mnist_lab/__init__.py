@@ -11,22 +11,31 @@ or the whole CLI run, with its run dir: ``train(load_config(["model=conv2", "+au
 evaluation suite: ``model, dm = load_checkpoint(path); evaluate_robustness(model, dm)``.
 """
 
+import importlib
+
 from mnist_lab.config import load_config
 from mnist_lab.data import MNISTDataModule
 from mnist_lab.errors import ConfigError, DataError, MnistLabError
-from mnist_lab.evaluate import (
-    calibration,
-    error_analysis,
-    evaluate_checkpoint,
-    evaluate_robustness,
-    fit_temperature,
-    load_checkpoint,
-)
 from mnist_lab.models import ConvNet, build_model, count_parameters, list_presets
 from mnist_lab.module import Classifier
-from mnist_lab.predict import predict_files, to_mnist_form
 from mnist_lab.train import train
 from mnist_lab.transforms import EvalPreset, RandomAffineBatch, TrainPreset
+
+# evaluate and predict are also commands (python -m mnist_lab.evaluate / predict): importing them here
+# would run them twice under `python -m` (runpy warns), so their functions load on first use.
+# (`train` cannot be lazy: the function shares its name with its module.)
+_LAZY = {
+    **dict.fromkeys(["calibration", "error_analysis", "evaluate_checkpoint", "evaluate_robustness",
+                     "fit_temperature", "load_checkpoint"], "mnist_lab.evaluate"),
+    **dict.fromkeys(["predict_files", "to_mnist_form"], "mnist_lab.predict"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mnist_lab' has no attribute {name!r}")
+
 
 __all__ = [
     "Classifier", "ConfigError", "ConvNet", "DataError", "EvalPreset", "MNISTDataModule", "MnistLabError",
