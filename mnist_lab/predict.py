@@ -120,7 +120,7 @@ def expand_inputs(inputs) -> list[str]:
         ConfigError: nothing matched.
     """
     patterns = [inputs] if isinstance(inputs, str) else list(inputs or [])
-    files = sorted({f for pattern in patterns for f in (glob.glob(pattern) or [])})
+    files = sorted({f for pattern in patterns for f in glob.glob(pattern)})
     if not files:
         raise ConfigError(f"inputs={inputs!r} matched no file; quote a glob, e.g. inputs='digits/*.png'")
     return files
