@@ -38,6 +38,7 @@ from torchmetrics.classification import (
 
 from mnist_lab.data import MNISTDataModule
 from mnist_lab.errors import ConfigError, MnistLabError
+from mnist_lab.files import write_json
 from mnist_lab.models import ConvNet
 from mnist_lab.module import Classifier
 from mnist_lab.plots import plot_confusion_matrix, plot_gallery, plot_reliability, plot_robustness
@@ -232,7 +233,6 @@ def evaluate_checkpoint(ckpt_path: str | Path, output_dir: str | Path, data_root
     Raises:
         ConfigError: not an mnist_lab checkpoint; DataError: the run's data cannot be found.
     """
-    from mnist_lab.train import write_json  # train imports this module
 
     model, dm = load_checkpoint(ckpt_path, data_root=data_root)
     dm.setup()

@@ -2,10 +2,11 @@
 
 A sweep dir holds one job dir per override set (``outputs/sweeps/<time>/model.depth=2,seed=0/``),
 each with Hydra's ``.hydra/overrides.yaml`` and, once the job has ended, our ``metrics.json``
-(``status: completed`` or ``failed`` with the error). :func:`write_summary` turns it into
+(``status: completed``, or ``failed`` / ``diverged`` / ``interrupted`` with the error).
+:func:`write_summary` turns it into
 
-- ``summary.csv``: one row per job: every override as a column, trainable parameters, test and best
-  val metrics, epochs, train seconds, status and error;
+- ``summary.csv`` (written atomically, as ``summary.md``): one row per job: every override as a
+  column, trainable parameters, test and best val metrics, epochs, train seconds, status and error;
 - ``summary.md``: the completed jobs grouped over ``seed`` (mean ± sample std, n), and every job that
   failed or did not finish, with its error;
 - ``acc_vs_params.png``, ``val_curves.png``, ``train_val_gap.png``, ``robustness.png`` (accuracy vs
@@ -19,17 +20,19 @@ with ``python scripts/summarize_sweep.py SWEEP_DIR`` (also on a partly failed or
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import statistics
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from mnist_lab.files import write_text_atomic
 from mnist_lab.plots import (
     plot_acc_vs_params,
     plot_heatmap,
@@ -171,21 +174,23 @@ def write_summary(sweep_dir: str | Path) -> dict:
         raise FileNotFoundError(f"no Hydra job dirs (*/.hydra/overrides.yaml) under {sweep_dir}")
     factor_keys = sorted({k for r in rows for k in r["factors"]})
     files = [sweep_dir / "summary.csv", sweep_dir / "summary.md"]
-    with open(files[0], "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["job", "status", *factor_keys, *METRICS, "error"])
-        for r in rows:
-            writer.writerow([r["job"], r["status"], *(r["factors"].get(k, "") for k in factor_keys),
-                             *("" if r[k] is None else r[k] for k in METRICS), r["error"]])
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["job", "status", *factor_keys, *METRICS, "error"])
+    for r in rows:
+        writer.writerow([r["job"], r["status"], *(r["factors"].get(k, "") for k in factor_keys),
+                         *("" if r[k] is None else r[k] for k in METRICS), r["error"]])
+    write_text_atomic(files[0], table.getvalue())
 
     groups = aggregate(rows)
     failed = [r for r in rows if r["status"] != "completed"]
     varying = varying_factors(rows)
     fixed = sorted({f"{k}={v}" for r in rows for k, v in r["factors"].items() if k not in varying and k != "seed"})
+    statuses = Counter(r["status"] for r in rows)
+    counts = ", ".join(f"{statuses.pop(s, 0)} {s}" for s in ("completed", "failed", "incomplete"))
+    counts += "".join(f", {n} {s}" for s, n in sorted(statuses.items()))  # diverged, interrupted
     lines = [f"# Sweep summary: {sweep_dir.name}", "",
-             f"{len(rows)} jobs: {len(rows) - len(failed)} completed, "
-             f"{sum(r['status'] == 'failed' for r in rows)} failed, "
-             f"{sum(r['status'] == 'incomplete' for r in rows)} incomplete. "
+             f"{len(rows)} jobs: {counts}. "
              "Mean ± sample std over seeds; n = completed seeds. Robust acc: mean test accuracy over the "
              "perturbations of the evaluation suite (rotation, shift, zoom, noise, elastic; strength > 0).", "",
              f"Factors: {', '.join(varying) or '(none)'}. Same for every job: {', '.join(fixed) or '(nothing)'}.", "",
@@ -202,7 +207,7 @@ def write_summary(sweep_dir: str | Path) -> dict:
         lines += ["", "## Jobs that did not complete", "", "| job | status | error |", "| --- | --- | --- |"]
         lines += [f"| {r['job']} | {r['status']} | {r['error'].replace('|', '/').splitlines()[0]} |"
                   for r in failed]
-    files[1].write_text("\n".join(lines) + "\n")
+    write_text_atomic(files[1], "\n".join(lines) + "\n")
 
     if groups:
         title = sweep_dir.name
