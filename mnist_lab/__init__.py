@@ -7,23 +7,27 @@ Notebook use::
     model = Classifier(build_model("conv2", dropout=0.25))
     lightning.Trainer(max_epochs=5).fit(model, dm)
 
-or the whole CLI run, with its run dir: ``train(load_config(["model=conv2", "+aug=true"]))``, and the
+or the whole CLI run, with its run dir: ``train(load_config(["model=conv2", "+aug=true"]))`` (and
+``resume(run_dir)`` for a run that was killed), and the
 evaluation suite: ``model, dm = load_checkpoint(path); evaluate_robustness(model, dm)``.
 """
 
 import importlib
+import sys
 
 from mnist_lab.config import load_config
 from mnist_lab.data import MNISTDataModule
 from mnist_lab.errors import ConfigError, DataError, MnistLabError
 from mnist_lab.models import ConvNet, build_model, count_parameters, list_presets
 from mnist_lab.module import Classifier
-from mnist_lab.train import train
 from mnist_lab.transforms import EvalPreset, RandomAffineBatch, TrainPreset
 
 # evaluate and predict are also commands (python -m mnist_lab.evaluate / predict): importing them here
 # would run them twice under `python -m` (runpy warns), so their functions load on first use.
-# (`train` cannot be lazy: the function shares its name with its module.)
+# `train` shares its name with its module, so it is imported here, except while `python -m` locates
+# a command (sys.argv[0] is then "-m"): the command does not use it, and runpy would warn.
+if sys.argv[:1] != ["-m"]:
+    from mnist_lab.train import resume, train
 _LAZY = {
     **dict.fromkeys(["calibration", "error_analysis", "evaluate_checkpoint", "evaluate_robustness",
                      "fit_temperature", "load_checkpoint"], "mnist_lab.evaluate"),
@@ -41,5 +45,5 @@ __all__ = [
     "Classifier", "ConfigError", "ConvNet", "DataError", "EvalPreset", "MNISTDataModule", "MnistLabError",
     "RandomAffineBatch", "TrainPreset", "build_model", "calibration", "count_parameters", "error_analysis",
     "evaluate_checkpoint", "evaluate_robustness", "fit_temperature", "list_presets", "load_checkpoint",
-    "load_config", "predict_files", "to_mnist_form", "train",
+    "load_config", "predict_files", "resume", "to_mnist_form", "train",
 ]

@@ -12,9 +12,13 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mnist_lab.errors import MnistLabError
+
+# `${mnist_lab.if_resume:${resume},A,B}`: A when resume= is set, else B (conf/train.yaml's hydra run dir)
+OmegaConf.register_new_resolver("mnist_lab.if_resume", lambda resume, then, otherwise: then if resume else otherwise,
+                                replace=True)
 
 #: The project's config folder (``conf/`` at the repository root; install with ``pip install -e .``).
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

@@ -1,12 +1,16 @@
 """Errors for bad user input. Each message names the problem and the fix.
 
 The command-line entry points catch :class:`MnistLabError` and print its message without a
-traceback (exit code 2); library callers get an ordinary exception they can catch.
+traceback; the exit code is the error's ``exit_code``: 2 for bad input (config, data, checkpoint
+files), 3 for a diverged run, 130/143 for a run stopped by SIGINT/SIGTERM. Library callers get an
+ordinary exception they can catch.
 """
 
 
 class MnistLabError(Exception):
-    """Base class: a problem with the user's input (config, data files), not a bug."""
+    """Base class: a problem with the user's input (config, data files) or the run, not a bug."""
+
+    exit_code = 2
 
 
 class ConfigError(MnistLabError, ValueError):
@@ -15,3 +19,27 @@ class ConfigError(MnistLabError, ValueError):
 
 class DataError(MnistLabError, RuntimeError):
     """Dataset files are missing, unreadable or corrupt (raised before any training starts)."""
+
+
+class TrainingDiverged(MnistLabError, RuntimeError):
+    """The training loss became NaN or inf; training stopped before any bad checkpoint was written.
+
+    Attributes: ``epoch``, ``step`` (global step of the check that found it) and ``lr``.
+    """
+
+    exit_code = 3
+
+    def __init__(self, message: str, epoch: int, step: int, lr: float):
+        super().__init__(message)
+        self.epoch, self.step, self.lr = epoch, step, lr
+
+
+class RunInterrupted(MnistLabError, RuntimeError):
+    """A run was stopped by SIGINT (Ctrl-C) or SIGTERM; its last complete epoch is in
+    ``checkpoints/last.ckpt`` and ``resume=RUN_DIR`` continues it. ``exit_code``: 128 + the signal
+    number (130 for SIGINT, 143 for SIGTERM), the shell's convention."""
+
+    def __init__(self, message: str, signal_name: str):
+        super().__init__(message)
+        self.signal_name = signal_name
+        self.exit_code = 143 if signal_name == "SIGTERM" else 130

@@ -1,0 +1,182 @@
+"""The callbacks mnist_lab adds to a run: two for Lightning (exact resume, a stop on divergence)
+and one for Hydra (a run dir is never reused).
+
+Everything else (checkpoints, early stopping, timing, progress) is Lightning's own callbacks,
+configured under ``callbacks:`` in ``conf/train.yaml``.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from hydra.experimental.callback import Callback as HydraCallback
+from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from mnist_lab.errors import TrainingDiverged
+
+#: What an earlier run leaves in its run dir; a new run refuses a dir that holds any of them.
+RUN_FILES = ("config.yaml", "metrics.json", "metrics.csv", "checkpoints")
+
+
+def run_in(path: str | Path) -> str | None:
+    """The first file of an earlier run found in ``path`` (``config.yaml``, ``metrics.json``,
+    ``metrics.csv`` or ``checkpoints``), or ``None`` if a new run may start there."""
+    return next((name for name in RUN_FILES if (Path(path) / name).exists()), None)
+
+
+class ResumeState(L.Callback):
+    """What a checkpoint needs, beyond Lightning's own state, for a resumed run to continue exactly
+    as the uninterrupted run would have.
+
+    - RNG states: torch (CPU and every CUDA device), numpy and Python ``random`` are saved in every
+      checkpoint and restored on resume, so dropout masks after the resume are the ones the
+      uninterrupted run draws. (Shuffling and augmentation use their own per-epoch generators, see
+      :class:`mnist_lab.data.InMemoryBatches`.)
+    - Logs: the loggers are flushed at the start of every epoch, so ``metrics.csv`` on disk holds
+      every completed epoch when a run is killed (Lightning otherwise writes every 50 steps).
+    - Early stopping: a run that early stopping had already ended (and was killed while testing)
+      does not train one more epoch when resumed.
+    """
+
+    def state_dict(self) -> dict:
+        # tensors, ints and tuples only: checkpoints stay loadable with torch.load(weights_only=True)
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        torch.set_rng_state(state_dict["torch"])
+        if state_dict["cuda"] and torch.cuda.is_available() and len(state_dict["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state_dict["cuda"])
+        kind, keys, pos, has_gauss, gauss = state_dict["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state_dict["python"])
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if any(isinstance(cb, EarlyStopping) and cb.stopped_epoch > 0 for cb in trainer.callbacks):
+            trainer.should_stop = True
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+
+class DivergenceGuard(L.Callback):
+    """Stop training with :class:`~mnist_lab.errors.TrainingDiverged` when the training loss is NaN,
+    inf, or above ``max_loss``.
+
+    ``max_loss`` catches the divergence that stays finite: with Adam at ``optimizer.lr=1e6`` the
+    mean cross-entropy jumps to ~1e14 within a few steps and never becomes NaN. A healthy run starts
+    at ln(10) = 2.3 and only goes down; a batch mean of 1e4 means logit margins of ~1e4 on wrong
+    answers, i.e. weights that have blown up.
+
+    The check runs every ``check_every_n_steps`` optimizer steps and always before validation and
+    at the end of an epoch, i.e. before any checkpoint of the diverged weights could be written:
+    ``checkpoints/last.ckpt`` keeps the last good epoch. Each check reads one flag from the device
+    (a host sync): free on a CPU; on a GPU a larger interval keeps the step loop asynchronous.
+
+    Args:
+        check_every_n_steps: steps between checks (1: every step, so the message names the step).
+        max_loss: a batch's mean training loss above this counts as divergence (``null``: NaN/inf only).
+
+    Raises:
+        TrainingDiverged: from the step loop, with the epoch, step, loss, learning rate and the fix.
+    """
+
+    def __init__(self, check_every_n_steps: int = 1, max_loss: float | None = 1e4):
+        if not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
+            raise ValueError(f"check_every_n_steps={check_every_n_steps!r} must be a positive integer")
+        self.every, self.max_loss = check_every_n_steps, max_loss
+        self._bad: torch.Tensor | None = None  # any bad loss since the last check (a flag on the device)
+        self._loss: torch.Tensor | None = None  # the last loss seen
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None:
+            return
+        self._loss = loss.detach()
+        bad = ~torch.isfinite(self._loss).all()
+        if self.max_loss is not None:
+            bad = bad | (self._loss > self.max_loss).any()
+        self._bad = bad if self._bad is None else self._bad | bad
+        if trainer.global_step % self.every == 0:
+            self._check(trainer)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._check(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._check(trainer)
+
+    def _check(self, trainer: L.Trainer) -> None:
+        bad, self._bad = self._bad, None
+        if bad is None or not bool(bad):
+            return
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        where = (f"at global step {trainer.global_step}" if self.every == 1
+                 else f"within the {self.every} steps before global step {trainer.global_step}")
+        limit = f"NaN/inf or above {self.max_loss:g}" if self.max_loss is not None else "NaN/inf"
+        saved = next((Path(cb.best_model_path).name for cb in reversed(trainer.checkpoint_callbacks)
+                      if getattr(cb, "best_model_path", "")), None)
+        kept = (f"checkpoints/{saved} keeps the last good epoch" if saved
+                else "no epoch had completed, so no checkpoint was written")
+        raise TrainingDiverged(
+            f"training diverged: the training loss became {float(self._loss):.4g} ({limit}) in epoch "
+            f"{trainer.current_epoch}, {where}, at learning rate {lr:g}. Training stopped; {kept}. "
+            "Lower optimizer.lr (e.g. by 10x), or clip gradients with trainer.gradient_clip_val=1.0.",
+            epoch=trainer.current_epoch, step=trainer.global_step, lr=lr)
+
+
+def _writable(folder: Path) -> str | None:
+    """``None`` if files can be created in ``folder`` (made if missing), else the OS's reason."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            return None
+    except OSError as e:
+        return e.strerror or type(e).__name__
+
+
+class RunDirGuard(HydraCallback):
+    """Hydra callback: before Hydra writes anything, refuse (exit code 2, one line) a run dir
+    (``hydra.run.dir=...``) that holds an earlier run, a sweep dir that holds an earlier sweep, and
+    a dir that cannot be written."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        run_dir = Path(config.hydra.run.dir)
+        if rank_zero_only.rank != 0:  # DDP: rank 0 already made the run dir
+            return
+        if config.get("resume") and not run_dir.is_dir():
+            _exit(f"resume={run_dir}: there is no such run dir")
+        if not config.get("resume") and (found := run_in(run_dir)):
+            _exit(f"the run dir {run_dir} already holds a run ({found}), and a new run never overwrites one: "
+                  f"continue it with resume={run_dir}, or leave hydra.run.dir out for a fresh "
+                  "outputs/runs/<date>_<time>")
+        if reason := _writable(run_dir):
+            _exit(f"cannot write the run dir {run_dir}: {reason}; choose a writable hydra.run.dir=...")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir() and next(sweep_dir.rglob(".hydra/overrides.yaml"), None) is not None:
+            _exit(f"the sweep dir {sweep_dir} already holds a sweep; give a new hydra.sweep.dir (or leave it "
+                  "out for a fresh outputs/sweeps/<date>_<time>). Resume its jobs one at a time with "
+                  "resume=<job dir>")
+        if reason := _writable(sweep_dir):
+            _exit(f"cannot write the sweep dir {sweep_dir}: {reason}; choose a writable hydra.sweep.dir=...")
+
+
+def _exit(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
