@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,16 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def run_module(module: str, args, data_root, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` in a subprocess with ``MNIST_LAB_DATA=data_root`` and ``tests/`` on
+    ``PYTHONPATH`` (so configs can name ``probes.*`` callbacks); returns the finished process."""
+    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "MNIST_LAB_DATA": str(data_root), "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

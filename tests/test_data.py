@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import centroid, synthetic_digits, write_idx, write_synthetic_mnist
 
-from mnist_lab.data import BatchIndexSampler, MNISTDataModule, stratified_split
+from mnist_lab.data import BatchIndexSampler, InMemoryBatches, MNISTDataModule, stratified_split
 from mnist_lab.errors import ConfigError, DataError
 from mnist_lab.transforms import EvalPreset, RandomAffineBatch, TrainPreset, affine
 
@@ -148,6 +148,22 @@ def test_two_identical_images_in_one_batch_come_out_different():
     out = RandomAffineBatch()(blob(8), torch.Generator().manual_seed(0))
     diffs = (out[:, None] - out[None]).abs().flatten(2).amax(-1)
     assert float(diffs[~torch.eye(8, dtype=torch.bool)].min()) > 0.05
+
+
+def test_ranks_draw_independent_augmentations():
+    """Under DDP each rank augments with its own generator (seeded by seed, epoch and rank): the same
+    digit, at the same position of rank 0's and rank 1's batch, comes out differently; each rank
+    repeats itself for the same epoch."""
+    images = (blob(16)[:, 0] * 255).to(torch.uint8)  # 16 copies of one digit
+    preset = TrainPreset(0.0, 1.0, RandomAffineBatch())
+
+    def first_batch(rank):
+        sampler = BatchIndexSampler(16, 8, shuffle=True, seed=3, rank=rank, world_size=2)
+        sampler.set_epoch(0)
+        return next(iter(InMemoryBatches(images, torch.zeros(16, dtype=torch.long), sampler, preset)))[0]
+
+    assert torch.equal(first_batch(0), first_batch(0))
+    assert float((first_batch(0) - first_batch(1)).abs().flatten(1).amax(1).min()) > 0.05
 
 
 def test_translation_only_moves_each_digit_by_at_most_ten_percent():

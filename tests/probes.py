@@ -1,0 +1,66 @@
+"""Lightning callbacks the reliability tests plug into real runs (``+callbacks.extra.<name>._target_=probes.X``;
+the subprocess gets ``tests/`` on ``PYTHONPATH``). They observe or disturb a run; they never change its math."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class SignalAt(L.Callback):
+    """Send ``signal`` (a name: SIGINT, SIGTERM, SIGKILL) to this process when training reaches
+    ``batch`` of ``epoch``: a kill in the middle of an epoch, at a known point. It fires once per run
+    dir (a marker file), so the resumed run, which has this callback in its saved config, goes on."""
+
+    def __init__(self, epoch: int, batch: int, signal: str):
+        self.epoch, self.batch, self.signal = epoch, batch, signal
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        marker = Path(trainer.default_root_dir) / ".probe_signal_sent"
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch and not marker.exists():
+            marker.write_text(self.signal)
+            os.kill(os.getpid(), getattr(signal, self.signal))
+
+
+class PoisonAt(L.Callback):
+    """Set every weight to NaN when training reaches ``batch`` of ``epoch``: the loss turns NaN there."""
+
+    def __init__(self, epoch: int, batch: int):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.fill_(float("nan"))
+
+
+class SeenSamples(L.Callback):
+    """Record which training images this rank saw in each epoch, as indices into the train split.
+
+    Batches arrive normalised; with augmentation off, ``round((x * std + mean) * 255)`` gives back
+    the stored uint8 image, which is looked up in the train split. Writes
+    ``seen_rank<global rank>.json`` (``{epoch: [indices]}``) into the run dir when training ends.
+    """
+
+    def __init__(self):
+        self.seen: dict[int, list[int]] = {}
+        self._index: dict[bytes, int] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        dm = trainer.datamodule
+        if self._index is None:
+            images = dm.splits["train"][0].cpu()
+            self._index = {img.numpy().tobytes(): i for i, img in enumerate(images)}
+        x = batch[0].float().cpu()
+        pixels = ((x * dm.std + dm.mean) * 255).round().clamp(0, 255).to(torch.uint8)[:, 0]
+        self.seen.setdefault(trainer.current_epoch, []).extend(self._index[p.numpy().tobytes()] for p in pixels)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        path = Path(trainer.default_root_dir) / f"seen_rank{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.seen))
