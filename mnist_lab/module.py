@@ -81,7 +81,7 @@ class Classifier(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         # training metrics see every step: skip torchmetrics' input validation (a host sync)
-        self.train_loss = MeanMetric()
+        self.train_loss = MeanMetric(nan_strategy="disable")  # no per-step NaN check (a sync); NaN stays NaN
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
         self.val_metrics = _eval_metrics(num_classes, "val/")
         self.test_metrics = _eval_metrics(num_classes, "test/")
@@ -102,7 +102,9 @@ class Classifier(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, logits, y = self.model_step(batch)
-        self.train_loss.update(loss.detach(), y.numel())  # mean over images
+        # mean over images: the batch mean once per image (torchmetrics 1.9 drops `weight` when
+        # nan_strategy="disable", so it is not passed as a weight)
+        self.train_loss.update(loss.detach().expand(y.numel()))
         self.train_acc.update(logits.detach(), y)
         return loss
 

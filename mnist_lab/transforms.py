@@ -123,7 +123,11 @@ class EvalPreset:
         return x.sub_(self.mean).div_(self.std)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.normalize(self.to_unit(images))
+        if images.dtype != torch.uint8:
+            return self.normalize(self.to_unit(images))
+        # uint8 in one conversion and two in-place passes: x * (1 / (255 std)) - mean / std
+        x = images.to(torch.float32).mul_(1.0 / (255.0 * self.std)).sub_(self.mean / self.std)
+        return x.unsqueeze(1) if x.dim() == 3 else x
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mean={self.mean:.4f}, std={self.std:.4f})"
@@ -138,10 +142,9 @@ class TrainPreset(EvalPreset):
         self.augment = augment
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = self.to_unit(images)
-        if self.augment is not None:
-            x = self.augment(x, generator)
-        return self.normalize(x)
+        if self.augment is None:
+            return super().__call__(images)
+        return self.normalize(self.augment(self.to_unit(images), generator))
 
     def __repr__(self) -> str:
         return f"TrainPreset(mean={self.mean:.4f}, std={self.std:.4f}, augment={self.augment})"
