@@ -7,6 +7,7 @@ configured under ``callbacks:`` in ``conf/train.yaml``.
 
 from __future__ import annotations
 
+import math
 import random
 import sys
 import tempfile
@@ -107,7 +108,13 @@ class DivergenceGuard(L.Callback):
         if loss is None:
             return
         self._loss = loss.detach()
-        bad = ~torch.isfinite(self._loss).all()
+        if self.every == 1:  # one float read per step: a few microseconds on a CPU
+            value = float(self._loss)
+            if not math.isfinite(value) or (self.max_loss is not None and value > self.max_loss):
+                self._bad = torch.tensor(True)
+                self._check(trainer)
+            return
+        bad = ~torch.isfinite(self._loss).all()  # on the device, read at the next check
         if self.max_loss is not None:
             bad = bad | (self._loss > self.max_loss).any()
         self._bad = bad if self._bad is None else self._bad | bad
