@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -73,7 +74,8 @@ def build(cfg: DictConfig):
     return datamodule, module
 
 
-def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str | Path | None = None) -> dict:
+def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str | Path | None = None,
+          callbacks: Sequence[L.Callback] = ()) -> dict:
     """Train, test and report one run; returns the contents of ``metrics.json``.
 
     Args:
@@ -82,6 +84,7 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str 
             an earlier run (a new run never overwrites one), unless ``ckpt_path`` continues it.
         ckpt_path: continue this run from a checkpoint of it (what :func:`resume` passes): epoch,
             optimizer, LR scheduler, early stopping, RNG states and ``metrics.csv`` rows up to it.
+        callbacks: more Lightning callbacks (objects; the config's ``callbacks.extra`` takes configs).
 
     If training stops early, ``metrics.json`` says why (``status``): ``failed`` (bad input, with the
     error), ``diverged`` (NaN/inf loss) or ``interrupted`` (SIGINT/SIGTERM, with the resume command).
@@ -110,7 +113,7 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str 
             except OSError as e:
                 raise ConfigError(f"cannot write the run dir {out}: {e.strerror}; choose a writable "
                                   "hydra.run.dir=... (or output_dir)") from None
-        return _fit_and_report(cfg, out, ckpt_path, rank0)
+        return _fit_and_report(cfg, out, ckpt_path, rank0, list(callbacks))
     except TrainingDiverged as e:
         if rank0:
             last = out / "checkpoints" / "last.ckpt"
@@ -165,7 +168,8 @@ def resume(run_dir: str | Path) -> dict:
     return train(OmegaConf.load(run / "config.yaml"), run, ckpt_path=ckpt)
 
 
-def _fit_and_report(cfg: DictConfig, out: Path, ckpt_path: str | Path | None, rank0: bool) -> dict:
+def _fit_and_report(cfg: DictConfig, out: Path, ckpt_path: str | Path | None, rank0: bool,
+                    more_callbacks: list) -> dict:
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -186,7 +190,7 @@ def _fit_and_report(cfg: DictConfig, out: Path, ckpt_path: str | Path | None, ra
         callbacks.append(EarlyStopping(**cfg.callbacks.early_stopping))
     if cfg.trainer.get("enable_progress_bar", True) and cfg.callbacks.get("progress_bar"):
         callbacks.append(TQDMProgressBar(**cfg.callbacks.progress_bar))
-    callbacks += [instantiate_checked(c) for c in (cfg.callbacks.get("extra") or {}).values()]
+    callbacks += [instantiate_checked(c) for c in (cfg.callbacks.get("extra") or {}).values()] + more_callbacks
     logger = CSVLogger(save_dir=str(out), name="", version="")
     if ckpt_path is not None and rank0:
         restore_history(logger, out, up_to_epoch=checkpoint_epoch(ckpt_path))

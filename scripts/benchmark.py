@@ -4,12 +4,14 @@
 Both paths train the same model (same initial weights), optimizer (Adam, lr 1e-3), batch size and
 augmentation on the same in-memory train split. The plain loop is the floor of
 ../shared/bench/torch_floor.py: the split pre-normalised as one float tensor, a shuffled index
-slice per step, forward, backward, step, nothing else. The fit path is mnist_lab's: MNISTDataModule
-batches, the Classifier LightningModule (metrics included), Lightning's loop; no validation,
-checkpointing, logger or progress bar. Images/s are timed from the first to the last training
-step of each epoch. The machines here are noisy (+-25 % between epochs), so the two paths run
-interleaved (plain, fit, plain, fit, ... --repeats times) and the steady state is the median of
-all epochs but the first of each repeat.
+slice per step, forward, backward, step, nothing else. The fit path is a whole
+``mnist_lab.train`` run (``train(cfg)``, as the command runs it): MNISTDataModule batches, the
+Classifier with its metrics, every callback of a run (checkpoints, early stopping, timer, resume
+state, divergence check) and the CSV logger; only the progress bar is off, and validation and
+test are cut to one batch (they are not timed). Images/s are timed from the start of the first to
+the end of the last training step of each epoch. The machines here are noisy (+-25 % between
+epochs), so the two paths run interleaved (plain, fit, plain, fit, ... --repeats times) and the
+steady state is the median of all epochs but the first of each repeat.
 
 Usage:
   python scripts/benchmark.py --models conv2 fc --batch-sizes 32 256 --epochs 4
@@ -20,9 +22,13 @@ Data: --data-root, else $MNIST_LAB_DATA, else ./data (synthetic tests pass a tmp
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -32,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from mnist_lab import Classifier, MNISTDataModule, build_model
+from mnist_lab import MNISTDataModule, build_model, load_config, train
 from mnist_lab.transforms import EvalPreset, TrainPreset
 
 
@@ -48,11 +54,10 @@ class StepTimer(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._n += 1
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self._sync(pl_module)
-        self.seconds.append(time.perf_counter() - self._t0)
-        self.steps.append(self._n)
+        if batch_idx == trainer.num_training_batches - 1:  # before validation
+            self._sync(pl_module)
+            self.seconds.append(time.perf_counter() - self._t0)
+            self.steps.append(self._n)
 
     @staticmethod
     def _sync(module):
@@ -88,14 +93,21 @@ def plain_loop(model, x_u8, y, batch_size, steps, epochs, preset, device):
     return seconds, first_loss
 
 
-def fit_path(model, dm, steps, epochs, accelerator, precision):
+def fit_path(name, batch_size, steps, epochs, args, seed, workdir) -> list[float]:
+    """A whole ``mnist_lab.train`` run of ``epochs`` x ``steps`` training steps; seconds per epoch."""
     timer = StepTimer()
-    trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, precision=precision,
-                        limit_train_batches=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
-    with warnings.catch_warnings():
+    overrides = [f"model={name}", "data.split=official", f"data.batch_size={batch_size}",
+                 f"+aug={str(args.aug).lower()}", f"trainer.max_epochs={epochs}",
+                 f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=1",
+                 "trainer.limit_test_batches=1", f"trainer.precision={args.precision}",
+                 f"trainer.accelerator={'gpu' if args.device.startswith('cuda') else 'cpu'}", "trainer.devices=1",
+                 "callbacks.early_stopping.patience=1000", "trainer.enable_progress_bar=false",
+                 "trainer.enable_model_summary=false", "eval.full=false", "plots=false", f"seed={seed}"]
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the run's own report
         warnings.filterwarnings("ignore")
-        trainer.fit(Classifier(model), dm)
+        train(load_config(overrides), Path(workdir) / f"run{len(list(Path(workdir).iterdir()))}", callbacks=[timer])
     return timer.seconds
 
 
@@ -121,7 +133,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    workdir = tempfile.mkdtemp(prefix="mnist_lab_benchmark_")  # the fit path's run dirs, removed at the end
     rows = []
     for name in args.models:
         for bs in args.batch_sizes:
@@ -130,7 +142,7 @@ def main() -> int:
             x, y = dm.splits["train"]
             steps = max(1, min(args.train_images, len(y)) // bs)
             preset = TrainPreset(dm.mean, dm.std, dm.augmenter) if args.aug else EvalPreset(dm.mean, dm.std)
-            torch.manual_seed(0)
+            L.seed_everything(0, workers=True, verbose=False)  # the fit path's seed=0: the same initial weights
             model = build_model(name).to(device)
             init = {k: v.clone() for k, v in model.state_dict().items()}
             plain_s, fit_s, first_loss = [], [], None
@@ -139,9 +151,7 @@ def main() -> int:
                 seconds, loss = plain_loop(model, x, y, bs, steps, args.epochs, preset, device)
                 plain_s.append(seconds)
                 first_loss = loss if first_loss is None else first_loss
-                model.load_state_dict(init)
-                L.seed_everything(0, verbose=False)
-                fit_s.append(fit_path(model, dm, steps, args.epochs, accelerator, args.precision))
+                fit_s.append(fit_path(name, bs, steps, args.epochs, args, 0, workdir))
             images = steps * bs
             row = {"model": name, "batch_size": bs, "aug": args.aug, "images_per_epoch": images,
                    "plain_epoch_seconds": [[round(s, 4) for s in r] for r in plain_s],
@@ -158,6 +168,7 @@ def main() -> int:
         "torch": torch.__version__, "lightning": L.__version__, "threads": torch.get_num_threads(),
         "precision": args.precision, "epochs": args.epochs, "repeats": args.repeats, "rows": rows,
     }
+    shutil.rmtree(workdir, ignore_errors=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
