@@ -17,9 +17,9 @@ from mnist_lab.train import resume
 from mnist_lab.transforms import EvalPreset
 
 # conv2 with dropout and augmentation: every kind of randomness (init, shuffling, augmentation,
-# dropout) is in play; 4 epochs of 25 steps
-RUN = ["model=conv2", "model.dropout=0.25", "+aug=true", "trainer.max_epochs=4", "trainer.deterministic=true",
-       "plots=false", "eval.full=false", *QUIET]
+# dropout) is in play; a one-cycle LR stepped every batch; 4 epochs of 25 steps
+RUN = ["model=conv2", "model.dropout=0.25", "+aug=true", "scheduler=onecycle", "trainer.max_epochs=4",
+       "trainer.deterministic=true", "plots=false", "eval.full=false", *QUIET]
 TIMINGS = ("train_seconds", "seconds_per_epoch", "run_dir")
 
 
@@ -31,6 +31,30 @@ def summary(run) -> dict:
 def rows(run) -> list[dict]:
     with open(run / "metrics.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+def same(x, y) -> bool:
+    """Deep equality of checkpoint contents: tensors to the bit, dicts, lists, tuples, scalars."""
+    if isinstance(x, torch.Tensor):
+        return isinstance(y, torch.Tensor) and torch.equal(x, y)
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+    if isinstance(x, list | tuple):
+        return isinstance(y, list | tuple) and len(x) == len(y) and all(map(same, x, y))
+    return x == y
+
+
+def assert_same_state(run, reference) -> None:
+    """The two runs' last checkpoints hold the same weights, optimizer, LR scheduler, early-stopping
+    and RNG states."""
+    a, b = (torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+            for r in (run, reference))
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    for key in ("state_dict", "optimizer_states", "lr_schedulers"):
+        assert same(a[key], b[key]), key
+    for key in b["callbacks"]:
+        if key.startswith(("EarlyStopping", "ResumeState")):
+            assert same(a["callbacks"][key], b["callbacks"][key]), key
 
 
 def train_cli(args, data_root, cwd):
@@ -80,6 +104,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(signal, cod
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert summary(run) == summary(reference_run)
     assert rows(run) == rows(reference_run)  # the epochs before the kill are kept, none twice
+    assert_same_state(run, reference_run)
     assert "probes.SignalAt" in (run / ".hydra" / "overrides.yaml").read_text()  # the run's own record stays
     assert (run / ".hydra_resume" / "overrides.yaml").read_text().strip() == f"- resume={run}"
 
