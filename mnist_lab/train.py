@@ -125,10 +125,14 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str 
         if isinstance(e, SystemExit) and not isinstance(e, SIGTERMException) and e.code != 1:
             raise
         signal_name = "SIGTERM" if isinstance(e, SIGTERMException) else "SIGINT"
-        message = (f"stopped by {signal_name}. The last complete epoch is in {out / 'checkpoints' / 'last.ckpt'}; "
-                   f"continue with: python -m mnist_lab.train resume={out}")
+        last = out / "checkpoints" / "last.ckpt"
+        command = f"python -m mnist_lab.train resume={out}"
+        message = (f"stopped by {signal_name}. The last complete epoch is in {last}; continue with: {command}"
+                   if last.is_file() else
+                   f"stopped by {signal_name} before the first epoch ended, so there is no checkpoint to "
+                   f"resume from; start the run again (its settings: {out / 'config.yaml'})")
         if rank0:
-            write_status(out, "interrupted", message, resume=f"python -m mnist_lab.train resume={out}")
+            write_status(out, "interrupted", message, resume=command if last.is_file() else None)
         raise RunInterrupted(message, signal_name) from None
     except Exception as e:
         if rank0 and not resuming:  # a failed resume leaves the run's earlier status as it was

@@ -109,10 +109,27 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(signal, cod
     assert (run / ".hydra_resume" / "overrides.yaml").read_text().strip() == f"- resume={run}"
 
 
+def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(synthetic_root, tmp_path):
+    run = tmp_path / "run"
+    kill = [f"+callbacks.extra.kill.{k}={v}" for k, v in
+            (("_target_", "probes.SignalAt"), ("epoch", 0), ("batch", 3), ("signal", "SIGINT"))]
+    proc = train_cli(["model=fc", *kill, f"hydra.run.dir={run}", *QUIET], synthetic_root, tmp_path)
+    assert proc.returncode == 130
+    assert "error: stopped by SIGINT before the first epoch ended, so there is no checkpoint" in proc.stderr
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "interrupted" and metrics["resume"] is None
+
+
 def test_resume_refuses_what_it_cannot_continue(reference_run, synthetic_root, tmp_path):
     with pytest.raises(ConfigError, match="that run completed; there is nothing to resume"):
         resume(reference_run)
     with pytest.raises(ConfigError, match="no config.yaml there, so it is not a run dir"):
+        resume(tmp_path)
+    (tmp_path / "config.yaml").write_text((reference_run / "config.yaml").read_text())
+    with pytest.raises(ConfigError, match="no checkpoints/last.ckpt .the run stopped before its first epoch ended"):
+        resume(tmp_path)
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "diverged"}))
+    with pytest.raises(ConfigError, match="that run diverged; from its last good checkpoint it would diverge"):
         resume(tmp_path)
     proc = train_cli([f"resume={reference_run}", "trainer.max_epochs=9"], synthetic_root, tmp_path)
     assert proc.returncode == 2
