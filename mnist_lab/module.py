@@ -7,7 +7,8 @@ an ``fc`` step's arithmetic):
 top-1 accuracy (``acc``) for train/val/test; macro precision, recall and F1 for val/test; the
 confusion matrix for test (``test_confusion``, rows = true class, columns = predicted).
 Logged names: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/precision_macro``,
-``val/recall_macro``, ``val/f1_macro``, and the same with ``test/``. Losses are means over images.
+``val/recall_macro``, ``val/f1_macro``, and the same with ``test/``; ``log_train_steps=True`` adds
+the per-step ``train/loss_step``. Losses are means over images.
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ class Classifier(L.LightningModule):
             the plain ``net.*`` keys); the first steps pay the compile time (~15-60 s on a CPU).
         compile_mode: ``torch.compile`` mode: ``default``, ``reduce-overhead`` (CUDA graphs),
             ``max-autotune``.
+        log_train_steps: also log the batch loss as ``train/loss_step``; Lightning writes it every
+            ``trainer.log_every_n_steps`` steps. Off by default: ``self.log`` on every step costs
+            ~0.3 ms a step on a 2-core CPU, a third of an ``fc`` step.
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class Classifier(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         compile_mode: str = "default",
+        log_train_steps: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
@@ -106,6 +111,8 @@ class Classifier(L.LightningModule):
         # nan_strategy="disable", so it is not passed as a weight)
         self.train_loss.update(loss.detach().expand(y.numel()))
         self.train_acc.update(logits.detach(), y)
+        if self.hparams.log_train_steps:
+            self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
         return loss
 
     def on_train_epoch_end(self) -> None:

@@ -69,6 +69,7 @@ def build(cfg: DictConfig):
         scheduler_interval=sched_cfg.interval if sched_cfg else "epoch",
         scheduler_monitor=sched_cfg.monitor if sched_cfg else "val/loss",
         num_classes=datamodule.num_classes,
+        log_train_steps=bool(cfg.get("log_train_steps", False)),
         **cfg.get("speed", {}),
     )
     return datamodule, module

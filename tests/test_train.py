@@ -103,3 +103,15 @@ def test_published_protocol_conv2_with_augmentation_reaches_99_percent(real_root
 def test_published_protocol_fc_on_the_official_split_reaches_97_percent(real_root, tmp_path):
     cfg = load_config(["model=fc", "data.split=official", f"data.root={real_root}", *QUIET])
     assert train(cfg, tmp_path / "run")["test/acc"] >= 0.97
+
+
+def test_per_step_loss_is_logged_every_n_steps_only_when_asked(synthetic_root, tmp_path):
+    common = ["model=fc", f"data.root={synthetic_root}", "trainer.max_epochs=2", "plots=false", "eval.full=false",
+              *QUIET]  # 800 images at batch 32: 25 steps an epoch
+    train(load_config([*common, "log_train_steps=true", "trainer.log_every_n_steps=5"]), tmp_path / "steps")
+    with open(tmp_path / "steps" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss_step")]
+    assert steps == list(range(4, 50, 5))
+    train(load_config(common), tmp_path / "epochs")
+    with open(tmp_path / "epochs" / "metrics.csv") as f:
+        assert "train/loss_step" not in next(csv.reader(f))  # per epoch only by default
