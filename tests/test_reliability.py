@@ -189,6 +189,18 @@ def test_a_nan_after_good_epochs_keeps_the_last_good_checkpoint(synthetic_root, 
     assert len(rows(tmp_path / "run")) == 4  # val and train rows of epochs 0 and 1: nothing lost
 
 
+def test_a_sparser_divergence_check_still_stops_before_the_next_checkpoint(synthetic_root, tmp_path):
+    """check_every_n_steps=100 (the speedrun's GPU setting) with 25 steps an epoch: the check at the
+    end of the epoch catches a NaN from step 3 of epoch 1, before that epoch's checkpoint."""
+    poison = ["+callbacks.extra.poison._target_=probes.PoisonAt", "+callbacks.extra.poison.epoch=1",
+              "+callbacks.extra.poison.batch=3", "callbacks.divergence.check_every_n_steps=100"]
+    cfg = load_config(["model=fc", f"data.root={synthetic_root}", "plots=false", *poison, *QUIET])
+    with pytest.raises(TrainingDiverged, match=r"in epoch 1, within the 100 steps before global step 50"):
+        train(cfg, tmp_path / "run")
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["epoch"] == 0 and all(torch.isfinite(w).all() for w in last["state_dict"].values())
+
+
 # ---------------------------------------------------------------- DDP
 def test_two_process_ddp_on_cpu(synthetic_root, tmp_path):
     run = tmp_path / "run"
