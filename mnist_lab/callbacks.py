@@ -79,9 +79,9 @@ class DivergenceGuard(L.Callback):
     inf, or above ``max_loss``.
 
     ``max_loss`` catches the divergence that stays finite: with Adam at ``optimizer.lr=1e6`` the
-    mean cross-entropy jumps to ~1e14 within a few steps and never becomes NaN. A healthy run starts
-    at ln(10) = 2.3 and only goes down; a batch mean of 1e4 means logit margins of ~1e4 on wrong
-    answers, i.e. weights that have blown up.
+    mean cross-entropy jumps to 1e15-1e30 within two steps (fc, conv2 on MNIST) and never becomes
+    NaN. A healthy run starts at ln(10) = 2.3 and only goes down; a batch mean of 1e4 means logit
+    margins of ~1e4 on wrong answers, i.e. weights that have blown up.
 
     The check runs every ``check_every_n_steps`` optimizer steps and always before validation and
     at the end of an epoch, i.e. before any checkpoint of the diverged weights could be written:
