@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import random
-import sys
 import tempfile
 from pathlib import Path
 
@@ -21,16 +20,39 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from mnist_lab.errors import TrainingDiverged
+from mnist_lab.errors import ConfigError, TrainingDiverged, exit_with
 
 #: What an earlier run leaves in its run dir; a new run refuses a dir that holds any of them.
 RUN_FILES = ("config.yaml", "metrics.json", "metrics.csv", "checkpoints")
 
 
-def run_in(path: str | Path) -> str | None:
-    """The first file of an earlier run found in ``path`` (``config.yaml``, ``metrics.json``,
-    ``metrics.csv`` or ``checkpoints``), or ``None`` if a new run may start there."""
-    return next((name for name in RUN_FILES if (Path(path) / name).exists()), None)
+def check_writable(folder: str | Path, what: str = "run dir", key: str = "hydra.run.dir=... (or output_dir)") -> None:
+    """Make ``folder`` if missing and check that files can be created in it.
+
+    Raises:
+        ConfigError: it cannot be written; the message names the OS's reason and the setting ``key``.
+    """
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write the {what} {folder}: {e.strerror or type(e).__name__}; "
+                          f"choose a writable {key}") from None
+
+
+def check_new_run_dir(path: str | Path) -> None:
+    """Check that a new run may start in ``path``: it holds none of :data:`RUN_FILES` and can be written.
+
+    Raises:
+        ConfigError: an earlier run is there (a new run never overwrites one), or it cannot be written.
+    """
+    found = next((name for name in RUN_FILES if (Path(path) / name).exists()), None)
+    if found:
+        raise ConfigError(f"the run dir {path} already holds a run ({found}), and a new run never overwrites one: "
+                          f"continue it with resume={path}, or start in a new dir (leave hydra.run.dir / "
+                          "output_dir out for a fresh outputs/runs/<date>_<time>)")
+    check_writable(path)
 
 
 class ResumeState(L.Callback):
@@ -146,44 +168,32 @@ class DivergenceGuard(L.Callback):
             epoch=trainer.current_epoch, step=trainer.global_step, lr=lr)
 
 
-def _writable(folder: Path) -> str | None:
-    """``None`` if files can be created in ``folder`` (made if missing), else the OS's reason."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            return None
-    except OSError as e:
-        return e.strerror or type(e).__name__
-
-
 class RunDirGuard(HydraCallback):
     """Hydra callback: before Hydra writes anything, refuse (exit code 2, one line) a run dir
     (``hydra.run.dir=...``) that holds an earlier run, a sweep dir that holds an earlier sweep, and
     a dir that cannot be written."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        run_dir = Path(config.hydra.run.dir)
         if rank_zero_only.rank != 0:  # DDP: rank 0 already made the run dir
             return
-        if config.get("resume") and not run_dir.is_dir():
-            _exit(f"resume={run_dir}: there is no such run dir")
-        if not config.get("resume") and (found := run_in(run_dir)):
-            _exit(f"the run dir {run_dir} already holds a run ({found}), and a new run never overwrites one: "
-                  f"continue it with resume={run_dir}, or leave hydra.run.dir out for a fresh "
-                  "outputs/runs/<date>_<time>")
-        if reason := _writable(run_dir):
-            _exit(f"cannot write the run dir {run_dir}: {reason}; choose a writable hydra.run.dir=...")
+        run_dir = Path(config.hydra.run.dir)
+        try:
+            if not config.get("resume"):
+                check_new_run_dir(run_dir)
+            elif not run_dir.is_dir():
+                raise ConfigError(f"resume={run_dir}: there is no such run dir")
+            else:
+                check_writable(run_dir)
+        except ConfigError as e:
+            exit_with(e)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        if sweep_dir.is_dir() and next(sweep_dir.rglob(".hydra/overrides.yaml"), None) is not None:
-            _exit(f"the sweep dir {sweep_dir} already holds a sweep; give a new hydra.sweep.dir (or leave it "
-                  "out for a fresh outputs/sweeps/<date>_<time>). Resume its jobs one at a time with "
-                  "resume=<job dir>")
-        if reason := _writable(sweep_dir):
-            _exit(f"cannot write the sweep dir {sweep_dir}: {reason}; choose a writable hydra.sweep.dir=...")
-
-
-def _exit(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+        try:
+            if sweep_dir.is_dir() and next(sweep_dir.rglob(".hydra/overrides.yaml"), None) is not None:
+                raise ConfigError(f"the sweep dir {sweep_dir} already holds a sweep; give a new hydra.sweep.dir "
+                                  "(or leave it out for a fresh outputs/sweeps/<date>_<time>). Resume its jobs "
+                                  "one at a time with resume=<job dir>")
+            check_writable(sweep_dir, "sweep dir", "hydra.sweep.dir=...")
+        except ConfigError as e:
+            exit_with(e)

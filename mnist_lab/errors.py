@@ -6,6 +6,11 @@ files), 3 for a diverged run, 130/143 for a run stopped by SIGINT/SIGTERM. Libra
 ordinary exception they can catch.
 """
 
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
 
 class MnistLabError(Exception):
     """Base class: a problem with the user's input (config, data files) or the run, not a bug."""
@@ -43,3 +48,10 @@ class RunInterrupted(MnistLabError, RuntimeError):
         super().__init__(message)
         self.signal_name = signal_name
         self.exit_code = 143 if signal_name == "SIGTERM" else 130
+
+
+def exit_with(error: MnistLabError) -> NoReturn:
+    """The command-line answer to a :class:`MnistLabError`: ``error: <message>`` on stderr, no
+    traceback, and the process exits with the error's ``exit_code``."""
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(error.exit_code)

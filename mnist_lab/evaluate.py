@@ -21,7 +21,6 @@ The same functions serve a notebook: ``evaluate_robustness(model, datamodule)``,
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import hydra
@@ -37,7 +36,7 @@ from torchmetrics.classification import (
 )
 
 from mnist_lab.data import MNISTDataModule
-from mnist_lab.errors import ConfigError, MnistLabError
+from mnist_lab.errors import ConfigError, MnistLabError, exit_with
 from mnist_lab.files import write_json
 from mnist_lab.models import ConvNet
 from mnist_lab.module import Classifier
@@ -292,8 +291,7 @@ def main(cfg: DictConfig) -> None:
         result = evaluate_checkpoint(ckpt, out, data_root=cfg.data_root, seed=cfg.seed,
                                      temperature=cfg.temperature, max_images=cfg.max_images)
     except MnistLabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(e)
     rob = result["robustness"]
     print(f"test/acc: {result['test/acc']:.4f}  ECE: {result['test/ece']:.4f}  NLL: {result['test/nll']:.4f}")
     print("robustness: " + "  ".join(f"{k} {max(v, key=float)}: {v[max(v, key=float)]:.4f}" for k, v in rob.items()))

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
-from mnist_lab.errors import ConfigError, MnistLabError
+from mnist_lab.errors import ConfigError, MnistLabError, exit_with
 from mnist_lab.evaluate import load_checkpoint, predict_logits
 from mnist_lab.transforms import EvalPreset
 
@@ -136,8 +136,7 @@ def main(cfg: DictConfig) -> None:
         model, dm = load_checkpoint(cfg.ckpt_path)
         rows = predict_files(model, EvalPreset(dm.mean, dm.std), files, top_k=cfg.top_k)
     except MnistLabError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(e)
     width = max(len(r["file"]) for r in rows)
     print(f"{'file':<{width}}  class  probability  top-{cfg.top_k}")
     for r in rows:

@@ -36,9 +36,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from mnist_lab.callbacks import DivergenceGuard, ResumeState, run_in
+from mnist_lab.callbacks import DivergenceGuard, ResumeState, check_new_run_dir, check_writable
 from mnist_lab.config import instantiate_checked
-from mnist_lab.errors import ConfigError, MnistLabError, RunInterrupted, TrainingDiverged
+from mnist_lab.errors import ConfigError, MnistLabError, RunInterrupted, TrainingDiverged, exit_with
 from mnist_lab.files import write_json, write_text_atomic
 from mnist_lab.models import count_parameters
 from mnist_lab.module import Classifier
@@ -91,7 +91,8 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str 
     error), ``diverged`` (NaN/inf loss) or ``interrupted`` (SIGINT/SIGTERM, with the resume command).
 
     Raises:
-        ConfigError: bad config values or a run dir that holds a run, before any data is read.
+        ConfigError: bad config values, or a run dir that holds a run or cannot be written, before
+            any data is read.
         DataError: missing or corrupt dataset files, before training starts.
         TrainingDiverged: the training loss became NaN/inf.
         RunInterrupted: SIGINT (Ctrl-C) or SIGTERM during the run.
@@ -99,21 +100,15 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str 
     out = Path(output_dir) if output_dir is not None else new_run_dir()
     resuming = ckpt_path is not None
     rank0 = rank_zero_only.rank == 0  # DDP: every process runs this; only rank 0 writes the run dir
-    if rank0 and not resuming and (found := run_in(out)):
-        raise ConfigError(f"the run dir {out} already holds a run ({found}), and a new run never overwrites "
-                          f"one: continue it with resume={out}, or give a new dir (or none, for a fresh "
-                          "outputs/runs/<date>_<time>)")
+    if rank0 and resuming:
+        check_writable(out)
+    elif rank0:  # before the try: an earlier run's metrics.json must not get this run's status
+        check_new_run_dir(out)
     try:
         if cfg.get("test_ckpt") not in ("best", "last"):
             raise ConfigError(f"test_ckpt={cfg.get('test_ckpt')!r} must be 'best' or 'last'")
-        if rank0:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                if not resuming:
-                    write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-            except OSError as e:
-                raise ConfigError(f"cannot write the run dir {out}: {e.strerror}; choose a writable "
-                                  "hydra.run.dir=... (or output_dir)") from None
+        if rank0 and not resuming:
+            write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         return _fit_and_report(cfg, out, ckpt_path, rank0, list(callbacks))
     except TrainingDiverged as e:
         if rank0:
@@ -341,16 +336,14 @@ def main(cfg: DictConfig) -> float | None:
                                   f"other overrides ({' '.join(others)}), or start a new run with them")
             return resume(out)["test/acc"]
         return train(cfg, out)["test/acc"]
-    except RunInterrupted as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+    except RunInterrupted as e:  # also in a sweep: Ctrl-C stops the sweep
+        exit_with(e)
     except Exception as e:
         if multirun:
             print(f"job {hc.job.override_dirname or hc.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr)
             return None
         if isinstance(e, MnistLabError):
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(e.exit_code)
+            exit_with(e)
         raise
 
 
