@@ -133,8 +133,7 @@ class DivergenceGuard(L.Callback):
         if self.every == 1:  # one float read per step: a few microseconds on a CPU
             value = float(self._loss)
             if not math.isfinite(value) or (self.max_loss is not None and value > self.max_loss):
-                self._bad = torch.tensor(True)
-                self._check(trainer)
+                self._raise(trainer)
             return
         bad = ~torch.isfinite(self._loss).all()  # on the device, read at the next check
         if self.max_loss is not None:
@@ -151,8 +150,10 @@ class DivergenceGuard(L.Callback):
 
     def _check(self, trainer: L.Trainer) -> None:
         bad, self._bad = self._bad, None
-        if bad is None or not bool(bad):
-            return
+        if bad is not None and bool(bad):
+            self._raise(trainer)
+
+    def _raise(self, trainer: L.Trainer) -> None:
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
         where = (f"at global step {trainer.global_step}" if self.every == 1
                  else f"within the {self.every} steps before global step {trainer.global_step}")
