@@ -2,14 +2,15 @@
 
 Notebook use::
 
-    from mnist_lab import MNISTDataModule, Classifier, build_model
+    from mnist_lab import MNISTDataModule, Classifier, model_config
     dm = MNISTDataModule(split="official", augment=True)
-    model = Classifier(build_model("conv2", dropout=0.25))
+    model = Classifier(model_config("conv2", dropout=0.25))   # or any nn.Module
     lightning.Trainer(max_epochs=5).fit(model, dm)
 
-or the whole CLI run, with its run dir: ``train(load_config(["model=conv2", "+aug=true"]))`` (and
-``resume(run_dir)`` for a run that was killed), and the
-evaluation suite: ``model, dm = load_checkpoint(path); evaluate_robustness(model, dm)``.
+A checkpoint describes its model: ``Classifier.load_from_checkpoint(path)`` maps images in [0, 1]
+to logits. The whole CLI run, with its run dir: ``train(load_config(["model=conv2", "+aug=true"]))``
+(and ``resume(run_dir)`` for a run that was killed); the evaluation suite:
+``model, dm = load_checkpoint(path); evaluate_model(model, dm)``.
 """
 
 import importlib
@@ -18,9 +19,10 @@ import sys
 from mnist_lab.config import load_config
 from mnist_lab.data import MNISTDataModule
 from mnist_lab.errors import ConfigError, DataError, MnistLabError
-from mnist_lab.models import ConvNet, build_model, count_parameters, list_presets
+from mnist_lab.models import ConvNet, build_model, count_parameters, list_presets, model_config
 from mnist_lab.module import Classifier
-from mnist_lab.transforms import EvalPreset, RandomAffineBatch, TrainPreset
+from mnist_lab.rundir import RunDir
+from mnist_lab.transforms import RandomAffineBatch, to_unit
 
 # evaluate and predict are also commands (python -m mnist_lab.evaluate / predict): importing them here
 # would run them twice under `python -m` (runpy warns), so their functions load on first use.
@@ -29,8 +31,8 @@ from mnist_lab.transforms import EvalPreset, RandomAffineBatch, TrainPreset
 if sys.argv[:1] != ["-m"]:
     from mnist_lab.train import resume, train
 _LAZY = {
-    **dict.fromkeys(["calibration", "error_analysis", "evaluate_checkpoint", "evaluate_robustness",
-                     "fit_temperature", "load_checkpoint"], "mnist_lab.evaluate"),
+    **dict.fromkeys(["calibration", "error_analysis", "evaluate_checkpoint", "evaluate_model", "evaluate_robustness",
+                     "fit_temperature", "load_checkpoint", "predict_logits"], "mnist_lab.evaluate"),
     **dict.fromkeys(["predict_files", "to_mnist_form"], "mnist_lab.predict"),
 }
 
@@ -42,8 +44,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Classifier", "ConfigError", "ConvNet", "DataError", "EvalPreset", "MNISTDataModule", "MnistLabError",
-    "RandomAffineBatch", "TrainPreset", "build_model", "calibration", "count_parameters", "error_analysis",
-    "evaluate_checkpoint", "evaluate_robustness", "fit_temperature", "list_presets", "load_checkpoint",
-    "load_config", "predict_files", "resume", "to_mnist_form", "train",
+    "Classifier", "ConfigError", "ConvNet", "DataError", "MNISTDataModule", "MnistLabError", "RandomAffineBatch",
+    "RunDir", "build_model", "calibration", "count_parameters", "error_analysis", "evaluate_checkpoint",
+    "evaluate_model", "evaluate_robustness", "fit_temperature", "list_presets", "load_checkpoint", "load_config",
+    "model_config", "predict_files", "predict_logits", "resume", "to_mnist_form", "to_unit", "train",
 ]

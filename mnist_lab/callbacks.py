@@ -1,15 +1,14 @@
 """The callbacks mnist_lab adds to a run: two for Lightning (exact resume, a stop on divergence)
 and one for Hydra (a run dir is never reused).
 
-Everything else (checkpoints, early stopping, timing, progress) is Lightning's own callbacks,
-configured under ``callbacks:`` in ``conf/train.yaml``.
+Everything else (checkpoints, early stopping, timing, progress) is Lightning's own callbacks; all of
+them are ``_target_`` nodes under ``callbacks:`` (``conf/callbacks/default.yaml``).
 """
 
 from __future__ import annotations
 
 import math
 import random
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -21,38 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from mnist_lab.errors import ConfigError, TrainingDiverged, exit_with
-
-#: What an earlier run leaves in its run dir; a new run refuses a dir that holds any of them.
-RUN_FILES = ("config.yaml", "metrics.json", "metrics.csv", "checkpoints")
-
-
-def check_writable(folder: str | Path, what: str = "run dir", key: str = "hydra.run.dir=... (or output_dir)") -> None:
-    """Make ``folder`` if missing and check that files can be created in it.
-
-    Raises:
-        ConfigError: it cannot be written; the message names the OS's reason and the setting ``key``.
-    """
-    try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ConfigError(f"cannot write the {what} {folder}: {e.strerror or type(e).__name__}; "
-                          f"choose a writable {key}") from None
-
-
-def check_new_run_dir(path: str | Path) -> None:
-    """Check that a new run may start in ``path``: it holds none of :data:`RUN_FILES` and can be written.
-
-    Raises:
-        ConfigError: an earlier run is there (a new run never overwrites one), or it cannot be written.
-    """
-    found = next((name for name in RUN_FILES if (Path(path) / name).exists()), None)
-    if found:
-        raise ConfigError(f"the run dir {path} already holds a run ({found}), and a new run never overwrites one: "
-                          f"continue it with resume={path}, or start in a new dir (leave hydra.run.dir / "
-                          "output_dir out for a fresh outputs/runs/<date>_<time>)")
-    check_writable(path)
+from mnist_lab.rundir import RunDir, check_writable
 
 
 class ResumeState(L.Callback):
@@ -180,7 +148,7 @@ class RunDirGuard(HydraCallback):
         run_dir = Path(config.hydra.run.dir)
         try:
             if not config.get("resume"):
-                check_new_run_dir(run_dir)
+                RunDir(run_dir).check_new()
             elif not run_dir.is_dir():
                 raise ConfigError(f"resume={run_dir}: there is no such run dir")
             else:

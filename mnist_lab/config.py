@@ -1,4 +1,5 @@
-"""Config helpers: compose the project's Hydra config without the CLI, and instantiate with our errors.
+"""Config helpers: compose the project's Hydra config without the CLI, and build its ``_target_``
+nodes with errors a user can act on.
 
 ``load_config`` is what tests and notebooks use instead of ``@hydra.main``; the configs it reads
 hold no ``${hydra:...}`` interpolations, so they resolve outside a Hydra run.
@@ -6,15 +7,16 @@ hold no ``${hydra:...}`` interpolations, so they resolve outside a Hydra run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import get_object, instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from mnist_lab.errors import MnistLabError
+from mnist_lab.errors import ConfigError, MnistLabError
 
 # `${mnist_lab.if_resume:${resume},A,B}`: A when resume= is set, else B (conf/train.yaml's hydra run dir)
 OmegaConf.register_new_resolver("mnist_lab.if_resume", lambda resume, then, otherwise: then if resume else otherwise,
@@ -34,15 +36,60 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "train") -> Di
         return compose(config_name=config_name, overrides=list(overrides))
 
 
-def instantiate_checked(cfg, **kwargs):
-    """``hydra.utils.instantiate``, but a :class:`MnistLabError` raised by the target comes out as
-    itself (Hydra wraps it in ``InstantiationException``), so its message reaches the user."""
+def check_targets(cfg, base: type, key: str) -> None:
+    """Check that every ``_target_`` that instantiating ``cfg`` would call names a subclass of ``base``
+    (the nested ones too, unless a node says ``_recursive_: false``: its target builds those itself).
+    A config can come from a checkpoint (a file from anyone): building only ``nn.Module`` / optimizer /
+    scheduler classes keeps it from calling other code.
+
+    Raises:
+        ConfigError: a target that cannot be imported, or that is not a ``base`` class.
+    """
+    if isinstance(cfg, Mapping | DictConfig):
+        if "_target_" in cfg:
+            try:
+                target = get_object(cfg["_target_"])
+            except Exception as e:
+                raise ConfigError(f"{key}._target_={cfg['_target_']} cannot be imported ({e}); put its module on "
+                                  "PYTHONPATH, or fix the name") from None
+            if not (isinstance(target, type) and issubclass(target, base)):
+                raise ConfigError(f"{key}._target_={cfg['_target_']} is not a {base.__module__}.{base.__qualname__} "
+                                  "class, so mnist_lab does not build it")
+            if cfg.get("_recursive_") is False:
+                return
+        for name, value in cfg.items():
+            check_targets(value, base, f"{key}.{name}")
+    elif isinstance(cfg, Sequence | ListConfig) and not isinstance(cfg, str):
+        for i, value in enumerate(cfg):
+            check_targets(value, base, f"{key}[{i}]")
+
+
+def build(cfg, key: str, base: type | None = None, **kwargs):
+    """``hydra.utils.instantiate(cfg, **kwargs)`` (lists and dicts reach the target as plain Python
+    objects), with the user's mistakes as :class:`ConfigError`.
+
+    Args:
+        cfg: a ``_target_`` node.
+        key: its place in the config (``"model"``), for messages.
+        base: if given, every ``_target_`` in ``cfg`` must name a subclass of it (:func:`check_targets`).
+
+    Raises:
+        MnistLabError: raised by the target itself (e.g. a ConvNet's ``ConfigError``), unwrapped.
+        ConfigError: a bad value or argument for the target (its ``ValueError`` / ``TypeError``, or
+            Lightning's ``MisconfigurationException``), with the target's own message.
+    """
+    if base is not None:
+        check_targets(cfg, base, key)
     try:
-        return instantiate(cfg, **kwargs)
+        return instantiate(cfg, **{"_convert_": "all", **kwargs})
     except InstantiationException as e:
-        cause = e.__cause__
-        while cause is not None and not isinstance(cause, MnistLabError):
+        chain, cause = [], e.__cause__
+        while cause is not None:  # Hydra wraps the target's error, once per level of nesting
+            chain.append(cause)
             cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
+        ours = next((c for c in chain if isinstance(c, MnistLabError)), None)
+        if ours is not None:
+            raise ours from None
+        if chain and isinstance(chain[-1], ValueError | TypeError | MisconfigurationException):
+            raise ConfigError(f"{key}: {chain[-1]} (fix the {key}.* values)") from None
         raise

@@ -1,9 +1,11 @@
-"""MNISTDataModule: MNIST-format datasets held in memory, split, normalised and batched by index.
+"""MNISTDataModule: MNIST-format datasets held in memory, split and batched by index.
 
-The whole dataset is read once through torchvision into uint8 tensors (70,000 x 28 x 28 is
-55 MB); each split is one tensor, placed on the device the model trains on. A batch is an index
-slice of a shuffled permutation: no ``Dataset.__getitem__`` per image, no DataLoader workers.
-Normalisation and augmentation run on the whole batch (see :mod:`mnist_lab.transforms`).
+The IDX files are read once into uint8 tensors (70,000 x 28 x 28 is 55 MB; :mod:`mnist_lab.idx`);
+each split is one tensor, placed on the device the model trains on. A batch is an index slice of a
+shuffled permutation: no ``Dataset.__getitem__`` per image, no DataLoader workers. Batches are
+float images in [0, 1]; augmentation runs on the whole batch (:mod:`mnist_lab.transforms`). The
+datamodule measures the normalisation statistics (``mean``, ``std``); the model applies them
+(:class:`mnist_lab.module.Classifier` keeps them as buffers, so its checkpoints carry them).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 import torchvision
 
 from mnist_lab.errors import ConfigError, DataError
-from mnist_lab.transforms import EvalPreset, RandomAffineBatch, TrainPreset
+from mnist_lab.idx import read_split
+from mnist_lab.transforms import RandomAffineBatch, to_unit
 
 #: ``data.dataset`` names -> torchvision classes. All three share MNIST's IDX format,
 #: 28x28 grayscale images and 10 classes.
@@ -29,47 +32,11 @@ DATASETS = {
 SPLITS = ("pooled", "official")
 NORMALIZATIONS = ("standardize", "rescale")
 NUM_CLASSES = 10
-_IDX_MAGIC = {"images": 2051, "labels": 2049}  # 0x00000803 (3-D uint8), 0x00000801 (1-D uint8)
 
 
 def default_data_root() -> Path:
     """The data root used when none is given: ``$MNIST_LAB_DATA`` if set, else ``./data``."""
     return Path(os.environ.get("MNIST_LAB_DATA") or "data")
-
-
-def read_idx_header(path: Path, kind: str) -> tuple[int, ...]:
-    """Check one IDX file and return its shape.
-
-    Args:
-        path: an uncompressed IDX file (``*-idx3-ubyte`` or ``*-idx1-ubyte``).
-        kind: ``"images"`` (3-D uint8, magic 2051) or ``"labels"`` (1-D uint8, magic 2049).
-
-    Returns:
-        ``(n, rows, cols)`` for images, ``(n,)`` for labels.
-
-    Raises:
-        DataError: missing file, wrong magic number, or a file size that does not match its header.
-    """
-    ndim = 3 if kind == "images" else 1
-    try:
-        with open(path, "rb") as f:
-            header = f.read(4 + 4 * ndim)
-    except OSError as e:
-        raise DataError(f"cannot read dataset file {path}: {e.strerror}") from None
-    fix = "Replace it with the original file (delete it and run again with internet to re-download)."
-    if len(header) < 4 + 4 * ndim:
-        raise DataError(f"dataset file {path} is truncated: {len(header)} bytes, shorter than an IDX header. {fix}")
-    magic = int.from_bytes(header[:4], "big")
-    if magic != _IDX_MAGIC[kind]:
-        raise DataError(f"dataset file {path} is not an IDX {kind} file: magic number {magic}, "
-                        f"expected {_IDX_MAGIC[kind]}. {fix}")
-    shape = tuple(int.from_bytes(header[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = 4 + 4 * ndim + int(torch.tensor(shape).prod())
-    actual = path.stat().st_size
-    if actual != expected:
-        raise DataError(f"dataset file {path} is corrupt or truncated: {actual} bytes, but its header "
-                        f"{shape} needs {expected}. {fix}")
-    return shape
 
 
 def stratified_split(labels: torch.Tensor, fractions: Sequence[float], seed: int) -> list[torch.Tensor]:
@@ -165,21 +132,21 @@ class BatchIndexSampler:
 class InMemoryBatches:
     """An iterable of ``(images, labels)`` batches drawn by index from tensors held in memory.
 
-    Lightning accepts it wherever a DataLoader goes. ``images`` float32 ``(B, 1, 28, 28)``
-    (after ``transform``), ``labels`` int64 ``(B,)``, both on the device of the stored tensors.
+    Lightning accepts it wherever a DataLoader goes. ``images`` float32 ``(B, 1, 28, 28)`` in [0, 1]
+    (augmented if ``augment`` is given), ``labels`` int64 ``(B,)``, both on the device of the stored tensors.
 
     Args:
         images: uint8 ``(N, 28, 28)``.
         labels: int64 ``(N,)``.
         sampler: yields index batches (see :class:`BatchIndexSampler`).
-        transform: batch transform ``(uint8 batch, generator) -> float batch``.
+        augment: batch augmentation ``(float batch, generator) -> float batch``, or ``None``.
     """
 
     #: DataLoader's attribute names: Lightning finds ``sampler.set_epoch`` through them.
     batch_sampler = None
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: BatchIndexSampler, transform):
-        self.images, self.labels, self.sampler, self.transform = images, labels, sampler, transform
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: BatchIndexSampler, augment=None):
+        self.images, self.labels, self.sampler, self.augment = images, labels, sampler, augment
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -191,7 +158,8 @@ class InMemoryBatches:
         s = self.sampler
         gen = torch.Generator(device=device).manual_seed((s.seed * 1_000_003 + s.epoch) * 1009 + s.rank + 1)
         for idx in s:  # index_select: ~10x faster than images[idx] for a uint8 batch on a CPU
-            yield self.transform(self.images.index_select(0, idx), gen), self.labels.index_select(0, idx)
+            x = to_unit(self.images.index_select(0, idx))
+            yield (self.augment(x, gen) if self.augment else x), self.labels.index_select(0, idx)
 
 
 class MNISTDataModule(L.LightningDataModule):
@@ -208,15 +176,15 @@ class MNISTDataModule(L.LightningDataModule):
         val_fraction: validation fraction of the official train set for ``official``, in (0, 1).
         split_seed: seed of the splits; independent of the training seed, so the splits are the
             same on every run with the same ``split_seed``.
-        normalize: ``"standardize"``: ``(x - mean) / std`` with mean and std of the train split's
-            pixels in [0, 1] (attributes ``mean``, ``std``; saved in checkpoints through
-            ``state_dict``); ``"rescale"``: pixels in [0, 1].
+        normalize: the statistics the model normalises with (attributes ``mean``, ``std``, set by
+            ``setup``): ``"standardize"``: mean and std of the train split's pixels in [0, 1];
+            ``"rescale"``: 0 and 1, i.e. the model sees pixels in [0, 1].
         augment: per-image random affine on training batches (val and test are never augmented).
         augmentation: ``RandomAffineBatch`` arguments: ``degrees`` (default 10), ``translate``
             (fraction of width/height, default 0.1), ``zoom`` (default 0.1, i.e. scale 0.9-1.1).
         batch_size: training batch size (images).
         eval_batch_size: validation/test batch size (images).
-        download: download through torchvision when the files are missing.
+        download: download through torchvision (in ``prepare_data``) when the files are missing.
         drop_last: drop the last, incomplete training batch.
         on_device: keep the splits on the trainer's device (GPU-resident data); ``False`` keeps
             them on the CPU and Lightning moves each batch.
@@ -264,6 +232,7 @@ class MNISTDataModule(L.LightningDataModule):
         if not isinstance(augment, bool):
             raise ConfigError(f"aug/data.augment must be true or false, got {augment!r} "
                               "(on the command line: +aug=true or +aug=false)")
+        root = str(root) if root is not None else None  # plain types only in checkpoints (weights_only loading)
         self.save_hyperparameters()
         self.root = Path(root) if root is not None else default_data_root()
         self.dataset_cls = DATASETS[dataset]
@@ -310,22 +279,13 @@ class MNISTDataModule(L.LightningDataModule):
         )
 
     def _load(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self._missing():
-            self.prepare_data()
-        names = self._file_names()
-        shapes = {n: read_idx_header(self.raw_folder / n, "images" if "idx3" in n else "labels") for n in names}
-        for img, lab in ((names[0], names[1]), (names[2], names[3])):
-            if shapes[img][0] != shapes[lab][0]:
-                raise DataError(f"{self.raw_folder / img} has {shapes[img][0]} images but {lab} has "
-                                f"{shapes[lab][0]} labels; the files do not belong together. Replace them.")
-        train = self.dataset_cls(str(self.root), train=True, download=False)
-        test = self.dataset_cls(str(self.root), train=False, download=False)
-        for ds, name in ((train, names[1]), (test, names[3])):
-            bad = (ds.targets < 0) | (ds.targets >= NUM_CLASSES)
-            if bad.any():
-                raise DataError(f"{self.raw_folder / name} has {int(bad.sum())} labels outside 0-9 "
-                                f"(e.g. {int(ds.targets[bad][0])}); the file is corrupt. Replace it.")
-        return train.data, train.targets, test.data, test.targets
+        missing = self._missing()
+        if missing:
+            raise DataError(f"{self.dataset_cls.__name__} not found: looked in {self.raw_folder.resolve()} for "
+                            f"{', '.join(missing)}. Call prepare_data() first (it downloads them), or point mnist_lab "
+                            "at the files: MNIST_LAB_DATA=/path/to/root or data.root=/path/to/root")
+        files = [self.raw_folder / n for n in self._file_names()]  # train images, labels; t10k images, labels
+        return (*read_split(files[0], files[1], NUM_CLASSES), *read_split(files[2], files[3], NUM_CLASSES))
 
     # ------------------------------------------------------------------ splits
     def setup(self, stage: str | None = None) -> None:
@@ -345,8 +305,7 @@ class MNISTDataModule(L.LightningDataModule):
                          "test": (x_te, y_te)}
             self.split_indices = dict(zip(("train", "val", "test"), idx, strict=False))
             self.splits = {k: (v[0].contiguous(), v[1].contiguous()) for k, v in parts.items()}
-            if self.mean is None:  # else restored from a checkpoint by load_state_dict
-                self.mean, self.std = self._train_stats()
+            self.mean, self.std = self._train_stats()
         device = self._device()
         if device is not None:
             self.splits = {k: (x.to(device), y.to(device)) for k, (x, y) in self.splits.items()}
@@ -386,8 +345,7 @@ class MNISTDataModule(L.LightningDataModule):
         # the shuffling seed follows the training seed (lightning.seed_everything / torch.manual_seed)
         sampler = BatchIndexSampler(len(y), bs, shuffle=train, drop_last=train and self.hparams.drop_last,
                                     seed=torch.initial_seed() % 2**31, rank=rank, world_size=world, device=x.device)
-        transform = TrainPreset(self.mean, self.std, self.augmenter) if train else EvalPreset(self.mean, self.std)
-        return InMemoryBatches(x, y, sampler, transform)
+        return InMemoryBatches(x, y, sampler, self.augmenter if train else None)
 
     def train_dataloader(self) -> InMemoryBatches:
         return self._batches("train", train=True)
@@ -397,11 +355,3 @@ class MNISTDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> InMemoryBatches:
         return self._batches("test", train=False)
-
-    # ------------------------------------------------------------------ checkpoint state
-    def state_dict(self) -> dict:
-        """Normalisation statistics, saved by Lightning in every checkpoint."""
-        return {"mean": self.mean, "std": self.std, "normalize": self.hparams.normalize}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.mean, self.std = state_dict["mean"], state_dict["std"]

@@ -1,26 +1,27 @@
-"""Evaluation suite: robustness, calibration and error analysis of a trained classifier.
+"""Evaluation: test metrics, robustness, calibration and error analysis of a trained classifier.
 
-``python -m mnist_lab.evaluate ckpt_path=PATH`` (or ``run_dir=PATH``) rebuilds the model and the
-datamodule from the checkpoint (no model or data config to repeat) and writes into the run dir
-(or ``output_dir=``):
+One inference path: :func:`predict_logits` turns a model and images into logits; the test metrics
+of a run, the evaluation suite and ``mnist_lab.predict`` all go through it. At the end of a run,
+``mnist_lab.train`` calls :func:`evaluate_model` on the model and datamodule it has in memory;
+``python -m mnist_lab.evaluate ckpt_path=PATH`` (or ``run_dir=PATH``) rebuilds both from the
+checkpoint (no model or data config to repeat) and calls the same function. It writes into the run
+dir (or ``output_dir=``):
 
-- ``evaluation.json``: clean test accuracy and loss, ECE and NLL (before and after temperature
-  scaling), per-class precision / recall / F1, the most-confused class pairs, and the robustness
-  accuracies;
+- ``confusion_matrix.png``: test confusion matrix (counts; colours row-normalised);
+- ``evaluation.json``: test accuracy, loss and macro precision / recall / F1, ECE and NLL (before and
+  after temperature scaling), per-class precision / recall / F1, the confusion matrix, the
+  most-confused class pairs, and the robustness accuracies;
 - ``robustness.json``, ``robustness.png``: accuracy on deterministic perturbed copies of the test
   split (rotation, translation, zoom, Gaussian noise, elastic distortion) vs strength;
-- ``calibration.png``: reliability diagram; ``confusion_matrix_normalized.png``;
-- ``errors.png``: the most confident mistakes; ``predictions.png``: test digits with their top-3
-  probabilities.
+- ``calibration.png``: reliability diagram; ``errors.png``: the most confident mistakes;
+  ``predictions.png``: test digits with their top-3 probabilities.
 
-The same functions serve a notebook: ``evaluate_robustness(model, datamodule)``, ``calibration``,
-``fit_temperature``, ``error_analysis``, ``evaluate_checkpoint``. ``mnist_lab.train`` runs
-``evaluate_checkpoint`` at the end of every run unless ``eval.full=false``.
+The same functions serve a notebook: ``evaluate_model(model, datamodule)``, ``evaluate_robustness``,
+``calibration``, ``fit_temperature``, ``error_analysis``, ``predict_logits``.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import hydra
@@ -37,11 +38,10 @@ from torchmetrics.classification import (
 
 from mnist_lab.data import MNISTDataModule
 from mnist_lab.errors import ConfigError, MnistLabError, exit_with
-from mnist_lab.files import write_json
-from mnist_lab.models import ConvNet
-from mnist_lab.module import Classifier
+from mnist_lab.module import Classifier, eval_metrics
 from mnist_lab.plots import plot_confusion_matrix, plot_gallery, plot_reliability, plot_robustness
-from mnist_lab.transforms import EvalPreset, perturb
+from mnist_lab.rundir import RunDir, read_checkpoint, write_json
+from mnist_lab.transforms import perturb, to_unit
 
 #: Perturbations and strengths of the robustness suite (units: see ``transforms.perturb``).
 ROBUSTNESS = {
@@ -62,54 +62,47 @@ def device_of(model: torch.nn.Module) -> torch.device:
 
 def load_checkpoint(ckpt_path: str | Path, data_root: str | Path | None = None,
                     device: str | torch.device | None = None) -> tuple[Classifier, MNISTDataModule]:
-    """Rebuild ``(model, datamodule)`` from an mnist_lab checkpoint, model in eval mode on ``device``
-    (default: CUDA if available, else CPU). The datamodule has the run's dataset, split and
-    normalisation; call ``setup()`` on it to read the data (``data_root`` overrides the saved root).
+    """Rebuild ``(model, datamodule)`` from an mnist_lab checkpoint alone, safely (weights-only
+    loading; the network is built only from an ``nn.Module`` class its config names). The model is in
+    eval mode on ``device`` (default: CUDA if available, else CPU) and takes images in [0, 1]; the
+    datamodule has the run's dataset, split and batch settings: call ``prepare_data()`` and
+    ``setup()`` on it to read the data (``data_root`` overrides the saved root).
 
     Raises:
-        ConfigError: the file is missing, not a checkpoint, or not an mnist_lab checkpoint.
+        ConfigError: the file is missing, would run code when loaded, is not a checkpoint, is not an
+            mnist_lab checkpoint (or one written before checkpoints described their network: retrain
+            those), or its weights do not fit the network its config describes.
     """
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist; give ckpt_path=<run dir>/checkpoints/best.ckpt "
-                          "or run_dir=<run dir>")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ConfigError(f"{path} is not a PyTorch checkpoint ({type(e).__name__}); give a .ckpt file "
-                          "written by mnist_lab.train") from None
-    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-    if not hp.get("net_config") or "datamodule_hyper_parameters" not in ckpt:
-        raise ConfigError(f"{path} is not an mnist_lab checkpoint (no net_config / datamodule "
+    ckpt = read_checkpoint(ckpt_path)
+    hp = ckpt.get("hyper_parameters") or {}
+    if "net_config" in hp:
+        raise ConfigError(f"{ckpt_path} was written by mnist_lab 0.1, whose checkpoints do not describe their "
+                          "network; retrain it with this version (the same command)")
+    if not isinstance(hp.get("net"), dict) or "datamodule_hyper_parameters" not in ckpt:
+        raise ConfigError(f"{ckpt_path} is not an mnist_lab checkpoint (no network config / datamodule "
                           "hyper-parameters); give a .ckpt file written by mnist_lab.train")
-    model = Classifier(ConvNet(**hp["net_config"]), num_classes=hp.get("num_classes", 10))
+    model = Classifier(**{**hp, "compile": False})
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise ConfigError(f"{path}: weights do not fit the architecture its config describes: "
+        raise ConfigError(f"{ckpt_path}: weights do not fit the architecture its config describes: "
                           f"{str(e).splitlines()[0]}") from None
     dm_hp = dict(ckpt["datamodule_hyper_parameters"])
     if data_root is not None:
-        dm_hp["root"] = data_root
-    datamodule = MNISTDataModule(**dm_hp)
-    datamodule.load_state_dict(ckpt.get("MNISTDataModule", {"mean": None, "std": None}))
+        dm_hp["root"] = str(data_root)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.to(device).eval(), datamodule
+    return model.to(device).eval(), MNISTDataModule(**dm_hp)
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, images: torch.Tensor, preset: EvalPreset,
-                   batch_size: int = 500) -> torch.Tensor:
-    """Logits ``(N, C)`` float32 for float [0, 1] images ``(N, 1, 28, 28)`` (or uint8 ``(N, 28, 28)``),
-    normalised with ``preset``; batched, on the model's device, eval mode."""
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """The one inference path: float32 logits ``(N, C)`` of ``model`` (eval mode, no gradients,
+    batched on the model's device) for uint8 images ``(N, 28, 28)`` or float images in [0, 1]
+    ``(N, 1, 28, 28)``."""
     model.eval()
     dev = device_of(model)
-    out = []
-    for i in range(0, images.shape[0], batch_size):
-        x = images[i: i + batch_size].to(dev)
-        x = preset.to_unit(x) if x.dtype == torch.uint8 else x.clone()
-        out.append(model(preset.normalize(x)).float())
-    return torch.cat(out)
+    return torch.cat([model(to_unit(images[i: i + batch_size].to(dev))).float()
+                      for i in range(0, images.shape[0], batch_size)])
 
 
 def _split(datamodule: MNISTDataModule, split: str, max_images: int | None):
@@ -132,10 +125,9 @@ def evaluate_robustness(model: torch.nn.Module, datamodule: MNISTDataModule,
     the clean accuracy.
     """
     x, y = _split(datamodule, split, max_images)
-    preset = EvalPreset(datamodule.mean, datamodule.std)
     dev = device_of(model)
-    x01, y = preset.to_unit(x.to(dev)), y.to(dev)
-    clean = float((predict_logits(model, x01, preset).argmax(1) == y).float().mean())
+    x01, y = to_unit(x.to(dev)), y.to(dev)
+    clean = float((predict_logits(model, x01).argmax(1) == y).float().mean())
     results: dict[str, dict[str, float]] = {}
     for i, (kind, strengths) in enumerate((perturbations or ROBUSTNESS).items()):
         results[kind] = {}
@@ -144,7 +136,7 @@ def evaluate_robustness(model: torch.nn.Module, datamodule: MNISTDataModule,
                 results[kind][str(strength)] = clean
                 continue
             gen = torch.Generator(device=dev).manual_seed(seed * 10_007 + i * 101 + j)
-            logits = predict_logits(model, perturb(x01, kind, strength, gen), preset)
+            logits = predict_logits(model, perturb(x01, kind, strength, gen))
             results[kind][str(strength)] = float((logits.argmax(1) == y).float().mean())
     return results
 
@@ -223,55 +215,86 @@ def error_analysis(logits: torch.Tensor, labels: torch.Tensor, top_pairs: int = 
     }
 
 
-def evaluate_checkpoint(ckpt_path: str | Path, output_dir: str | Path, data_root: str | Path | None = None,
-                        seed: int = 0, temperature: bool = True, max_images: int | None = None,
-                        plots: bool = True) -> dict:
-    """Run the whole suite on a checkpoint and write its files into ``output_dir``; returns the
-    contents of ``evaluation.json``.
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """``test/acc`` (top-1), ``test/loss`` (mean cross-entropy, nats) and ``test/{precision,recall,f1}_macro``
+    of logits ``(N, C)`` against int64 labels ``(N,)``: the Classifier's own torchmetrics."""
+    metrics = eval_metrics(logits.shape[1], "test/").to(logits.device)
+    values = {k: float(v) for k, v in metrics(logits, labels).items()}
+    return {**values, "test/loss": float(F.cross_entropy(logits, labels))}
 
-    Raises:
-        ConfigError: not an mnist_lab checkpoint; DataError: the run's data cannot be found.
+
+def evaluate_model(model: torch.nn.Module, datamodule: MNISTDataModule, output_dir: str | Path | None = None,
+             full: bool = True, seed: int = 0, temperature: bool = True, max_images: int | None = None,
+             plots: bool = True) -> dict:
+    """Test metrics of a model on its datamodule's test split, and with ``full`` the whole suite.
+
+    Args:
+        model: maps images in [0, 1] to logits (a :class:`Classifier`).
+        datamodule: set up or not (``setup()`` is called if needed).
+        output_dir: where to write ``confusion_matrix.png`` and, with ``full``, ``evaluation.json``,
+            ``robustness.json`` and the suite's plots; ``None`` writes nothing.
+        full: also calibration (ECE, NLL, temperature scaling fitted on val), error analysis and robustness.
+        seed: perturbation seed (the same seed gives every model the same perturbed images).
+        max_images: evaluate on the first N test images only (quick looks).
+
+    Returns:
+        ``test/acc``, ``test/loss``, ``test/{precision,recall,f1}_macro``, ``n_test``, ``confusion``
+        (counts, rows = true class), and with ``full`` everything ``evaluation.json`` holds.
     """
-
-    model, dm = load_checkpoint(ckpt_path, data_root=data_root)
-    dm.setup()
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    preset = EvalPreset(dm.mean, dm.std)
-    x, y = _split(dm, "test", max_images)
-    dev = device_of(model)
-    logits, y = predict_logits(model, x, preset), y.to(dev)
-    result = {"checkpoint": str(Path(ckpt_path).resolve()), "model": model.net.name, "n_test": int(y.numel()),
-              "test/acc": float((logits.argmax(1) == y).float().mean()),
-              "test/loss": float(F.cross_entropy(logits, y))}
+    x, y = _split(datamodule, "test", max_images)
+    logits = predict_logits(model, x)
+    y = y.to(logits.device)
+    errors = error_analysis(logits, y)
+    result = {"model": getattr(model, "name", type(model).__name__),
+              "n_test": int(y.numel()), **classification_metrics(logits, y), "confusion": errors.pop("confusion")}
+    out = Path(output_dir) if output_dir is not None else None
+    name = result["model"]
+    if out is not None and plots:
+        plot_confusion_matrix(torch.tensor(result["confusion"]), out / "confusion_matrix.png",
+                              title=f"{name}: test confusion matrix")
+    if not full:
+        return result
     cal = calibration(logits, y)
     result.update({"test/ece": cal["ece"], "test/nll": cal["nll"]})
     if temperature:
-        xv, yv = _split(dm, "val", None)
-        t = fit_temperature(predict_logits(model, xv, preset), yv.to(dev))
+        xv, yv = _split(datamodule, "val", None)
+        t = fit_temperature(predict_logits(model, xv), yv.to(logits.device))
         scaled = calibration(logits / t, y)
         result.update({"temperature": t, "test/ece_scaled": scaled["ece"], "test/nll_scaled": scaled["nll"]})
-    errors = error_analysis(logits, y)
-    robustness = evaluate_robustness(model, dm, seed=seed, max_images=max_images)
+    robustness = evaluate_robustness(model, datamodule, seed=seed, max_images=max_images)
     result.update({"robustness": robustness, "robustness_seed": seed, **errors, "calibration_bins": cal["bins"]})
-    write_json(out / "robustness.json", {"seed": seed, "n_images": int(y.numel()), "accuracy": robustness})
-    write_json(out / "evaluation.json", result)
+    if out is None:
+        return result
+    run = RunDir(out)
+    write_json(run.robustness, {"seed": seed, "n_images": int(y.numel()), "accuracy": robustness})
+    write_json(run.evaluation, result)
     if plots:
-        name = model.net.name
         plot_robustness({name: robustness}, out / "robustness.png", title=f"{name}: accuracy under perturbation")
         plot_reliability(cal["bins"], out / "calibration.png", title=f"{name}: ECE {cal['ece']:.4f}, "
                          f"NLL {cal['nll']:.4f}")
-        plot_confusion_matrix(torch.tensor(errors["confusion"]), out / "confusion_matrix_normalized.png",
-                              title=f"{name}: test confusion matrix (row-normalised colours)")
-        probs = logits.softmax(1).cpu()
-        wrong = torch.nonzero(probs.argmax(1) != y.cpu()).flatten()
+        probs, x, y = logits.softmax(1).cpu(), x.cpu(), y.cpu()
+        wrong = torch.nonzero(probs.argmax(1) != y).flatten()
         worst = wrong[torch.argsort(probs[wrong].max(1).values, descending=True)][:25]
-        plot_gallery(x[worst.to(x.device)].cpu(), y.cpu()[worst], probs[worst], out / "errors.png",
+        plot_gallery(x[worst], y[worst], probs[worst], out / "errors.png",
                      title="most confident mistakes (true label, top-3 predictions)")
         first = torch.arange(min(16, y.numel()))
-        plot_gallery(x[first.to(x.device)].cpu(), y.cpu()[first], probs[first], out / "predictions.png",
+        plot_gallery(x[first], y[first], probs[first], out / "predictions.png",
                      title="test digits with top-3 probabilities")
     return result
+
+
+def evaluate_checkpoint(ckpt_path: str | Path, output_dir: str | Path, data_root: str | Path | None = None,
+                        **kwargs) -> dict:
+    """:func:`evaluate_model` (the full suite) on a checkpoint, with the model and data it describes;
+    ``kwargs`` go to :func:`evaluate_model`. Returns the contents of ``evaluation.json``.
+
+    Raises:
+        ConfigError: see :func:`load_checkpoint`; DataError: the run's data cannot be found.
+    """
+    model, dm = load_checkpoint(ckpt_path, data_root=data_root)
+    dm.prepare_data()
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    return {"checkpoint": str(Path(ckpt_path).resolve()), **evaluate_model(model, dm, output_dir, **kwargs)}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
@@ -280,13 +303,7 @@ def main(cfg: DictConfig) -> None:
     try:
         if bool(cfg.ckpt_path) == bool(cfg.run_dir):
             raise ConfigError("give exactly one of ckpt_path=<file.ckpt> or run_dir=<run dir>")
-        if cfg.run_dir:
-            run = Path(cfg.run_dir)
-            summary = run / "metrics.json"
-            tested = json.loads(summary.read_text()).get("test_ckpt") if summary.is_file() else None
-            ckpt = run / (tested or "checkpoints/best.ckpt")
-        else:
-            ckpt = Path(cfg.ckpt_path)
+        ckpt = RunDir(cfg.run_dir).tested_checkpoint() if cfg.run_dir else Path(cfg.ckpt_path)
         out = Path(cfg.output_dir) if cfg.output_dir else (Path(cfg.run_dir) if cfg.run_dir else ckpt.parent.parent)
         result = evaluate_checkpoint(ckpt, out, data_root=cfg.data_root, seed=cfg.seed,
                                      temperature=cfg.temperature, max_images=cfg.max_images)

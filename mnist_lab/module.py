@@ -1,38 +1,33 @@
-"""Classifier: the one LightningModule, wrapping any backbone that maps images to logits.
+"""Classifier: the one LightningModule, wrapping any network that maps images to logits.
 
-Train, validation and test share ``model_step`` (cross-entropy on logits). Metrics are
-torchmetrics objects, accumulated on the device and computed and logged once per epoch (no
-per-step ``self.log``, sync or ``.item()``: on a 2-core CPU those cost ~0.7 ms per step, more than
-an ``fc`` step's arithmetic):
-top-1 accuracy (``acc``) for train/val/test; macro precision, recall and F1 for val/test; the
-confusion matrix for test (``test_confusion``, rows = true class, columns = predicted).
-Logged names: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/precision_macro``,
-``val/recall_macro``, ``val/f1_macro``, and the same with ``test/``; ``log_train_steps=True`` adds
-the per-step ``train/loss_step``. Losses are means over images.
+Train, validation and test share ``model_step`` (cross-entropy on logits). Metrics are torchmetrics
+objects, accumulated on the device and logged once per epoch (a per-step ``self.log``, sync or
+``.item()`` costs more than an ``fc`` step on a 2-core CPU): ``train/loss``, ``train/acc``,
+``val/loss``, ``val/acc``, ``val/{precision,recall,f1}_macro`` (``test/`` for ``trainer.test``);
+``log_train_steps=True`` adds the per-step ``train/loss_step``. Losses are means over images.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
+from mnist_lab.config import build
+from mnist_lab.errors import ConfigError
+
+SCHEDULERS = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
 
 
-def _eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
+def eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    """Top-1 accuracy and macro precision / recall / F1, named ``<prefix>acc`` etc."""
     return MetricCollection({
         "acc": MulticlassAccuracy(num_classes, average="micro"),
         "precision_macro": MulticlassPrecision(num_classes, average="macro"),
@@ -41,36 +36,61 @@ def _eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
     }, prefix=prefix)
 
 
+def _plain(value):
+    """A DictConfig as plain dicts and lists: what a checkpoint can hold and load with ``weights_only=True``."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+def _is_data(value) -> bool:
+    """Plain data (dicts, lists, strings, numbers, None): a config, not an object."""
+    if isinstance(value, Mapping):
+        return all(_is_data(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return all(_is_data(v) for v in value)
+    return value is None or isinstance(value, str | int | float | bool)
+
+
 class Classifier(L.LightningModule):
     """Image classifier: ``net`` gives logits, trained with cross-entropy.
 
+    Input of ``forward``: float ``(B, 1, 28, 28)`` images in [0, 1]; output: float logits
+    ``(B, num_classes)``. The images are normalised inside, ``(x - mean) / std``, with the buffers
+    ``mean`` and ``std`` (float32 scalars), which ``setup`` takes from the datamodule it is fitted on
+    (its ``mean`` and ``std`` attributes) and every checkpoint keeps. With configs for ``net``,
+    ``optimizer`` and ``scheduler`` (saved as hyper-parameters), a checkpoint describes the whole
+    model: ``Classifier.load_from_checkpoint(path).eval()`` maps images to logits, no datamodule and
+    no config file needed.
+
     Args:
-        net: ``nn.Module`` mapping float ``(B, 1, 28, 28)`` to logits ``(B, num_classes)``, e.g.
-            :class:`mnist_lab.models.ConvNet`. If it has a ``config`` dict (ConvNet does), that is
-            saved in the checkpoint's hyper-parameters as ``net_config`` so the net can be rebuilt.
-        optimizer: ``params -> Optimizer`` (e.g. ``functools.partial(torch.optim.SGD, lr=0.1)``);
-            default Adam with lr 1e-3, the published protocol.
-        scheduler: optional ``optimizer -> LRScheduler``.
-        scheduler_interval: ``"epoch"`` or ``"step"``: when the scheduler steps.
-        scheduler_monitor: metric a ``ReduceLROnPlateau`` watches.
+        net: the network: a ``_target_`` config of an ``nn.Module`` class (``conf/model/*.yaml``, or
+            :func:`mnist_lab.models.model_config`), built here and saved in the checkpoint, so
+            ``load_from_checkpoint`` rebuilds it; or an ``nn.Module`` object (then pass an equal one to
+            ``load_from_checkpoint(path, net=...)``). It maps normalised ``(B, 1, 28, 28)`` to logits.
+        optimizer: a ``_target_`` config of a ``torch.optim.Optimizer`` class with ``_partial_: true``
+            (``conf/optimizer/*.yaml``), or a ``params -> Optimizer`` callable; default Adam, lr 1e-3
+            (the published protocol).
+        scheduler: Lightning's LR-scheduler dict, ``{"scheduler": <partial config or callable
+            optimizer -> scheduler>, "interval": "epoch" | "step", "monitor": "val/loss"}``
+            (``conf/scheduler/*.yaml``); a one-cycle schedule without ``total_steps`` is sized to the run.
         num_classes: number of classes (10).
         channels_last: keep conv weights and input batches in NHWC memory format.
         compile: run the network through ``torch.compile`` (its bound ``forward``, so checkpoints keep
-            the plain ``net.*`` keys); the first steps pay the compile time (~15-60 s on a CPU).
-        compile_mode: ``torch.compile`` mode: ``default``, ``reduce-overhead`` (CUDA graphs),
-            ``max-autotune``.
+            the plain ``net.*`` keys); the first steps pay the compile time.
+        compile_mode: ``torch.compile`` mode: ``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotune``.
         log_train_steps: also log the batch loss as ``train/loss_step``; Lightning writes it every
-            ``trainer.log_every_n_steps`` steps. Off by default: ``self.log`` on every step costs
-            ~0.3 ms a step on a 2-core CPU, a third of an ``fc`` step.
+            ``trainer.log_every_n_steps`` steps. Off by default: ``self.log`` on every step costs a
+            third of an ``fc`` step on a 2-core CPU.
+
+    Raises:
+        ConfigError: a ``_target_`` that is not an ``nn.Module`` / optimizer / scheduler class (a config
+            from a checkpoint builds nothing else), or bad values for the network.
     """
 
     def __init__(
         self,
-        net: nn.Module,
-        optimizer: OptimizerFactory | None = None,
-        scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
-        scheduler_interval: str = "epoch",
-        scheduler_monitor: str = "val/loss",
+        net: Mapping | nn.Module,
+        optimizer: Mapping | Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Mapping | None = None,
         num_classes: int = 10,
         channels_last: bool = False,
         compile: bool = False,
@@ -78,23 +98,45 @@ class Classifier(L.LightningModule):
         log_train_steps: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
-        self.hparams["net_config"] = getattr(net, "config", None)
+        net, optimizer, scheduler = _plain(net), _plain(optimizer), _plain(scheduler)
+        # configs are saved, objects are not: a checkpoint must load with weights_only=True
+        self.save_hyperparameters(ignore=[name for name, value in (("net", net), ("optimizer", optimizer),
+                                                                   ("scheduler", scheduler)) if not _is_data(value)])
+        if isinstance(net, Mapping):
+            net = build(net, "model", base=nn.Module)
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        if isinstance(optimizer, Mapping):
+            optimizer = build(optimizer, "optimizer", base=torch.optim.Optimizer)
+        if scheduler is not None and isinstance(scheduler.get("scheduler"), Mapping):
+            scheduler = {**scheduler, "scheduler": build(scheduler["scheduler"], "scheduler", base=SCHEDULERS)}
+        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
+        self.scheduler_config = scheduler
+        self.register_buffer("mean", torch.tensor(0.0))
+        self.register_buffer("std", torch.tensor(1.0))
         # a compiled bound method is a plain function: not a submodule, so no extra state_dict keys
         self._compiled_forward = torch.compile(self.net.forward, mode=compile_mode) if compile else None
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        # training metrics see every step: skip torchmetrics' input validation (a host sync)
-        self.train_loss = MeanMetric(nan_strategy="disable")  # no per-step NaN check (a sync); NaN stays NaN
+        # training metrics see every step: skip torchmetrics' input validation and NaN check (host syncs)
+        self.train_loss = MeanMetric(nan_strategy="disable")
         self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
-        self.val_metrics = _eval_metrics(num_classes, "val/")
-        self.test_metrics = _eval_metrics(num_classes, "test/")
-        self.test_confmat = MulticlassConfusionMatrix(num_classes)
-        self.test_confusion: torch.Tensor | None = None
+        self.val_metrics = eval_metrics(num_classes, "val/")
+        self.test_metrics = eval_metrics(num_classes, "test/")
+
+    @property
+    def name(self) -> str:
+        """The network's ``name`` (a preset's, e.g. ``"conv2"``), else its class name."""
+        return getattr(self.net, "name", type(self.net).__name__)
+
+    def setup(self, stage: str) -> None:
+        """Take the normalisation statistics of the datamodule being fitted (a resumed run then
+        restores the same values from its checkpoint)."""
+        dm = self.trainer.datamodule
+        if stage == "fit" and getattr(dm, "mean", None) is not None:
+            self.mean.fill_(dm.mean)
+            self.std.fill_(dm.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised images ``(B, 1, 28, 28)`` -> logits ``(B, num_classes)``."""
+        """Images in [0, 1], float ``(B, 1, 28, 28)`` -> logits ``(B, num_classes)``."""
+        x = (x - self.mean) / self.std
         if self.hparams.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self._compiled_forward(x) if self._compiled_forward is not None else self.net(x)
@@ -121,33 +163,32 @@ class Classifier(L.LightningModule):
         self.train_loss.reset()
         self.train_acc.reset()
 
-    def validation_step(self, batch, batch_idx: int) -> None:
+    def _eval_step(self, batch, metrics: MetricCollection, prefix: str) -> None:
         loss, logits, y = self.model_step(batch)
-        self.val_metrics.update(logits, y)
-        self.log("val/loss", loss, on_epoch=True, prog_bar=True, batch_size=y.numel(), sync_dist=True)
-        for name, metric in self.val_metrics.items():
+        metrics.update(logits, y)
+        self.log(f"{prefix}/loss", loss, on_epoch=True, prog_bar=prefix == "val", batch_size=y.numel(), sync_dist=True)
+        for name, metric in metrics.items():
             self.log(name, metric, on_epoch=True, prog_bar=name == "val/acc")
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        loss, logits, y = self.model_step(batch)
-        self.test_metrics.update(logits, y)
-        self.test_confmat.update(logits, y)
-        self.log("test/loss", loss, on_epoch=True, batch_size=y.numel(), sync_dist=True)
-        self.log_dict(self.test_metrics, on_epoch=True)
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
 
-    def on_test_epoch_end(self) -> None:
-        self.test_confusion = self.test_confmat.compute().cpu()
-        self.test_confmat.reset()
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch, batch_idx: int = 0) -> torch.Tensor:
+        """Logits ``(B, num_classes)`` for a batch of images, or of ``(images, labels)``."""
+        return self(batch[0] if isinstance(batch, tuple | list) else batch)
 
     def configure_optimizers(self):
-        params = self.parameters()
-        opt = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.Adam(params, lr=1e-3)
-        if self.scheduler_factory is None:
+        try:
+            opt = self.optimizer_factory(self.parameters())
+        except ValueError as e:  # torch checks lr, momentum, betas, ... here
+            raise ConfigError(f"optimizer: {e} (fix the optimizer.* values, e.g. optimizer.lr=0.001)") from None
+        if self.scheduler_config is None:
             return opt
-        factory = self.scheduler_factory
+        factory = self.scheduler_config["scheduler"]
         one_cycle = getattr(factory, "func", None) is torch.optim.lr_scheduler.OneCycleLR
         if one_cycle and "total_steps" not in factory.keywords:  # sized by the run: epochs x batches
             factory = partial(factory, total_steps=int(self.trainer.estimated_stepping_batches))
-        scheduler = {"scheduler": factory(opt), "interval": self.hparams.scheduler_interval,
-                     "monitor": self.hparams.scheduler_monitor}
-        return {"optimizer": opt, "lr_scheduler": scheduler}
+        return {"optimizer": opt, "lr_scheduler": {**self.scheduler_config, "scheduler": factory(opt)}}

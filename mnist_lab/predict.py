@@ -2,8 +2,8 @@
 
 ``python -m mnist_lab.predict ckpt_path=PATH inputs='digits/*.png' [output_csv=predictions.csv]``
 prints one line per file (file, predicted class, probability, top-3) and can write the same as CSV.
-A file that cannot be read as an image (not an image, empty, blank) gets an error on its line; the
-other files are still classified.
+``inputs`` may also be a folder: every file in it. A file that cannot be read as an image (not an
+image, empty, blank) gets an error on its line; the other files are still classified.
 
 Images of any size, grayscale or RGB(A), dark-on-light or light-on-dark, are converted to MNIST's
 form the way the MNIST digits were made (LeCun, Cortes & Burges, "The MNIST database"): the digit,
@@ -26,7 +26,6 @@ from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
 from mnist_lab.errors import ConfigError, MnistLabError, exit_with
 from mnist_lab.evaluate import load_checkpoint, predict_logits
-from mnist_lab.transforms import EvalPreset
 
 BOX = 20    # pixels: the digit's longer side after resizing (MNIST)
 SIZE = 28   # pixels: output image side
@@ -93,9 +92,10 @@ def load_image(path: str | Path) -> torch.Tensor:
     return to_mnist_form(image)
 
 
-def predict_files(model: torch.nn.Module, preset: EvalPreset, paths: list[str | Path], top_k: int = 3) -> list[dict]:
-    """Classify image files. One dict per file, in order: ``file``, ``prediction`` (int or None),
-    ``probability`` (of the prediction), ``top`` (``[(class, probability), ...]``), ``error`` ("" if none)."""
+def predict_files(model: torch.nn.Module, paths: list[str | Path], top_k: int = 3) -> list[dict]:
+    """Classify image files with a model that takes images in [0, 1] (a :class:`~mnist_lab.Classifier`).
+    One dict per file, in order: ``file``, ``prediction`` (int or None), ``probability`` (of the
+    prediction), ``top`` (``[(class, probability), ...]``), ``error`` ("" if none)."""
     rows, images, ok = [], [], []
     for p in paths:
         try:
@@ -105,7 +105,7 @@ def predict_files(model: torch.nn.Module, preset: EvalPreset, paths: list[str | 
         except (ValueError, OSError) as e:
             rows.append({"file": str(p), "prediction": None, "probability": None, "top": [], "error": str(e)})
     if images:
-        probs = predict_logits(model, torch.stack(images), preset).softmax(1).cpu()
+        probs = predict_logits(model, torch.stack(images)).softmax(1).cpu()
         for i, p in zip(ok, probs):
             top = p.topk(min(top_k, p.numel()))
             rows[i]["top"] = [(int(c), float(v)) for v, c in zip(top.values, top.indices)]
@@ -114,13 +114,16 @@ def predict_files(model: torch.nn.Module, preset: EvalPreset, paths: list[str | 
 
 
 def expand_inputs(inputs) -> list[str]:
-    """``inputs`` as a glob pattern, a file, or a list of either -> sorted file list.
+    """``inputs`` as a glob pattern, a file, a folder (every file in it, hidden ones aside), or a list
+    of these -> sorted file list.
 
     Raises:
         ConfigError: nothing matched.
     """
     patterns = [inputs] if isinstance(inputs, str) else list(inputs or [])
-    files = sorted({f for pattern in patterns for f in glob.glob(pattern)})
+    paths = {Path(p) for pattern in patterns for p in glob.glob(pattern)}
+    paths |= {f for p in list(paths) if p.is_dir() for f in p.iterdir() if not f.name.startswith(".")}
+    files = sorted(str(p) for p in paths if p.is_file())
     if not files:
         raise ConfigError(f"inputs={inputs!r} matched no file; quote a glob, e.g. inputs='digits/*.png'")
     return files
@@ -133,8 +136,8 @@ def main(cfg: DictConfig) -> None:
         if not cfg.ckpt_path:
             raise ConfigError("give ckpt_path=<run dir>/checkpoints/best.ckpt")
         files = expand_inputs(cfg.inputs)
-        model, dm = load_checkpoint(cfg.ckpt_path)
-        rows = predict_files(model, EvalPreset(dm.mean, dm.std), files, top_k=cfg.top_k)
+        model, _ = load_checkpoint(cfg.ckpt_path)
+        rows = predict_files(model, files, top_k=cfg.top_k)
     except MnistLabError as e:
         exit_with(e)
     width = max(len(r["file"]) for r in rows)

@@ -32,7 +32,6 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from mnist_lab.files import write_text_atomic
 from mnist_lab.plots import (
     plot_acc_vs_params,
     plot_heatmap,
@@ -41,6 +40,7 @@ from mnist_lab.plots import (
     plot_val_curves,
     read_epoch_metrics,
 )
+from mnist_lab.rundir import RunDir, write_text_atomic
 
 #: metrics.json values copied into summary.csv, in this order.
 METRICS = ("params_trainable", "test/acc", "test/loss", "test/precision_macro", "test/recall_macro",
@@ -76,10 +76,8 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         overrides = OmegaConf.load(job / ".hydra" / "overrides.yaml")
         factors = dict(parse_override(o) for o in overrides)
         factors = {k: v for k, v in factors.items() if k not in exclude}
-        metrics_file = job / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {"status": "incomplete"}
-        history_file = job / "metrics.csv"
-        robustness_file = job / "robustness.json"
+        run = RunDir(job)
+        metrics = run.read_metrics() or {"status": "incomplete"}
         rows.append({
             "job": str(job.relative_to(sweep_dir)),
             "status": metrics.get("status", "unknown"),
@@ -87,8 +85,8 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             **{k: metrics.get(k) for k in METRICS},
             "error": metrics.get("error", "" if metrics.get("status") != "incomplete"
                                  else "no metrics.json: the job was killed or is still running"),
-            "history": read_epoch_metrics(history_file) if history_file.is_file() else {},
-            "robustness": json.loads(robustness_file.read_text())["accuracy"] if robustness_file.is_file() else {},
+            "history": read_epoch_metrics(run.history) if run.history.is_file() else {},
+            "robustness": json.loads(run.robustness.read_text())["accuracy"] if run.robustness.is_file() else {},
         })
     return rows
 

@@ -1,24 +1,19 @@
 """Training entry point: ``train(cfg, output_dir)`` and ``resume(run_dir)`` for code,
 ``python -m mnist_lab.train [overrides | resume=RUN_DIR]`` for the shell.
 
-``train`` builds everything from a composed config (see :func:`mnist_lab.config.load_config`),
-checks the config and the data before training starts, fits, tests the best checkpoint and
-writes the run dir:
-
-- ``config.yaml``: the resolved config (Hydra's ``.hydra/`` folder is there too on the CLI);
-- ``checkpoints/best.ckpt`` (lowest ``val/loss``) and ``checkpoints/last.ckpt`` (after every epoch;
-  Lightning writes both atomically: temp file + rename);
-- ``metrics.csv``: per-epoch metrics (Lightning's CSVLogger);
-- ``metrics.json``: the run's summary (test metrics, parameter count, timing, splits, seed, ...),
-  written atomically, with ``status`` ``completed`` (or ``failed``/``diverged``/``interrupted``);
-- ``curves.png``, ``confusion_matrix.png``, ``samples.png``.
+``train`` builds every object from its ``_target_`` node in the composed config (see
+:func:`mnist_lab.config.load_config`): the datamodule (``data``), the LightningModule (``module``,
+with the network ``model``, ``optimizer`` and ``scheduler``), the callbacks and the trainer. It
+checks the config and the data before training starts, fits, evaluates the tested weights on the
+in-memory model and datamodule (:func:`mnist_lab.evaluate.evaluate_model`) and writes the run dir
+(:mod:`mnist_lab.rundir`): ``config.yaml``, ``checkpoints/{best,last}.ckpt``, ``metrics.csv``,
+``metrics.json`` (with ``status`` ``completed``, or ``failed``/``diverged``/``interrupted``),
+``curves.png``, ``confusion_matrix.png``, ``samples.png`` and the evaluation suite's files.
 """
 
 from __future__ import annotations
 
 import csv
-import datetime as dt
-import json
 import os
 import sys
 import warnings
@@ -30,49 +25,45 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Timer, TQDMProgressBar
+from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
+from lightning.pytorch.callbacks import ProgressBar, Timer
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mnist_lab.callbacks import DivergenceGuard, ResumeState, check_new_run_dir, check_writable
-from mnist_lab.config import instantiate_checked
+from mnist_lab.config import build
 from mnist_lab.errors import ConfigError, MnistLabError, RunInterrupted, TrainingDiverged, exit_with
-from mnist_lab.files import write_json, write_text_atomic
+from mnist_lab.evaluate import evaluate_model, robustness_headline
 from mnist_lab.models import count_parameters
-from mnist_lab.module import Classifier
-from mnist_lab.plots import plot_confusion_matrix, plot_curves, plot_samples, read_epoch_metrics
+from mnist_lab.plots import plot_curves, plot_samples, read_epoch_metrics
+from mnist_lab.rundir import RunDir, check_writable, read_checkpoint, write_text_atomic
 
 TEST_KEYS = ("test/acc", "test/loss", "test/precision_macro", "test/recall_macro", "test/f1_macro")
+#: Callbacks every run needs (``conf/callbacks/default.yaml``): the checkpoints test_ckpt and resume= use, the timer
+#: behind train_seconds, and the state an exact resume needs.
+REQUIRED_CALLBACKS = ("best_checkpoint", "last_checkpoint", "timer", "resume_state")
 
 
-def new_run_dir(base: str | Path = "outputs/runs") -> Path:
-    """A fresh, timestamped run dir (to the microsecond, so two runs never share one)."""
-    return Path(base) / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
-
-
-def build(cfg: DictConfig):
-    """Instantiate ``(datamodule, module)`` from a config. All config errors are raised here.
+def check_config(cfg: DictConfig) -> None:
+    """The run's own settings, checked before anything is built.
 
     Raises:
-        ConfigError: any bad value (dropout, fractions, batch size, depth, dataset, ...).
+        ConfigError: ``seed`` or ``threads`` not an integer, ``test_ckpt`` not best/last, a required
+            callback set to null, or ``trainer.accelerator=gpu`` on a machine without a GPU.
     """
-    datamodule = instantiate_checked(cfg.data, _convert_="all")
-    net = instantiate_checked(cfg.model, _convert_="all")
-    optimizer = instantiate_checked(cfg.optimizer)
-    sched_cfg = cfg.get("scheduler")
-    module = Classifier(
-        net,
-        optimizer=optimizer,
-        scheduler=instantiate_checked(sched_cfg.scheduler) if sched_cfg else None,
-        scheduler_interval=sched_cfg.interval if sched_cfg else "epoch",
-        scheduler_monitor=sched_cfg.monitor if sched_cfg else "val/loss",
-        num_classes=datamodule.num_classes,
-        log_train_steps=bool(cfg.get("log_train_steps", False)),
-        **cfg.get("speed", {}),
-    )
-    return datamodule, module
+    for key, value in (("seed", cfg.seed), ("threads", cfg.get("threads"))):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise ConfigError(f"{key}={value!r} must be a non-negative integer, e.g. {key}=42")
+    if cfg.get("test_ckpt") not in ("best", "last"):
+        raise ConfigError(f"test_ckpt={cfg.get('test_ckpt')!r} must be 'best' or 'last'")
+    missing = [name for name in REQUIRED_CALLBACKS if not cfg.callbacks.get(name)]
+    if missing:
+        raise ConfigError(f"callbacks.{missing[0]} is needed by every run; do not set it to null")
+    accelerator = str(cfg.trainer.get("accelerator"))
+    if accelerator in ("gpu", "cuda") and not (CUDAAccelerator.is_available() or MPSAccelerator.is_available()):
+        raise ConfigError(f"trainer.accelerator={accelerator}, but torch finds no GPU on this machine; use "
+                          "trainer.accelerator=cpu, or auto (a GPU when there is one)")
 
 
 def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str | Path | None = None,
@@ -85,10 +76,12 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str 
             an earlier run (a new run never overwrites one), unless ``ckpt_path`` continues it.
         ckpt_path: continue this run from a checkpoint of it (what :func:`resume` passes): epoch,
             optimizer, LR scheduler, early stopping, RNG states and ``metrics.csv`` rows up to it.
-        callbacks: more Lightning callbacks (objects; the config's ``callbacks.extra`` takes configs).
+        callbacks: more Lightning callbacks (objects; the config's ``callbacks`` takes ``_target_`` nodes).
 
     If training stops early, ``metrics.json`` says why (``status``): ``failed`` (bad input, with the
     error), ``diverged`` (NaN/inf loss) or ``interrupted`` (SIGINT/SIGTERM, with the resume command).
+    Under DDP every process runs this; only rank 0 writes the run dir and evaluates (the others
+    return ``{"status": "completed"}``).
 
     Raises:
         ConfigError: bad config values, or a run dir that holds a run or cannot be written, before
@@ -97,42 +90,47 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str 
         TrainingDiverged: the training loss became NaN/inf.
         RunInterrupted: SIGINT (Ctrl-C) or SIGTERM during the run.
     """
-    out = Path(output_dir) if output_dir is not None else new_run_dir()
+    run = RunDir(output_dir) if output_dir is not None else RunDir.new()
+    if ckpt_path is None and cfg.get("run_dir") not in (None, str(run.path)):
+        raise ConfigError(f"run_dir={cfg.run_dir} is filled in by mnist_lab.train; choose the run dir with "
+                          "hydra.run.dir=... (train(cfg, output_dir) from Python)")
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.run_dir = str(run.path)
     resuming = ckpt_path is not None
     rank0 = rank_zero_only.rank == 0  # DDP: every process runs this; only rank 0 writes the run dir
     if rank0 and resuming:
-        check_writable(out)
+        check_writable(run.path)
     elif rank0:  # before the try: an earlier run's metrics.json must not get this run's status
-        check_new_run_dir(out)
+        run.check_new()
     try:
-        if cfg.get("test_ckpt") not in ("best", "last"):
-            raise ConfigError(f"test_ckpt={cfg.get('test_ckpt')!r} must be 'best' or 'last'")
+        check_config(cfg)
         if rank0 and not resuming:
-            write_text_atomic(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        return _fit_and_report(cfg, out, ckpt_path, rank0, list(callbacks))
+            write_text_atomic(run.config, OmegaConf.to_yaml(cfg, resolve=True))
+        return _fit_and_report(cfg, run, ckpt_path, rank0, list(callbacks))
     except TrainingDiverged as e:
         if rank0:
-            last = out / "checkpoints" / "last.ckpt"
-            write_status(out, "diverged", e, epoch=e.epoch, step=e.step, lr=e.lr,
-                         last_good_checkpoint=os.path.relpath(last, out) if last.is_file() else None)
+            last = run.checkpoint("last")
+            run.write_status("diverged", e, epoch=e.epoch, step=e.step, lr=e.lr,
+                             last_good_checkpoint=os.path.relpath(last, run.path) if last.is_file() else None)
         raise
     except (KeyboardInterrupt, SystemExit) as e:
         # Lightning turns Ctrl-C inside fit into sys.exit(1) and SIGTERM into SIGTERMException
         if isinstance(e, SystemExit) and not isinstance(e, SIGTERMException) and e.code != 1:
             raise
         signal_name = "SIGTERM" if isinstance(e, SIGTERMException) else "SIGINT"
-        last = out / "checkpoints" / "last.ckpt"
-        command = f"python -m mnist_lab.train resume={out}"
+        last = run.checkpoint("last")
+        command = f"python -m mnist_lab.train resume={run.path}"
         message = (f"stopped by {signal_name}. The last complete epoch is in {last}; continue with: {command}"
                    if last.is_file() else
                    f"stopped by {signal_name} before the first epoch ended, so there is no checkpoint to "
-                   f"resume from; start the run again (its settings: {out / 'config.yaml'})")
+                   f"resume from; start the run again (its settings: {run.config})")
         if rank0:
-            write_status(out, "interrupted", message, resume=command if last.is_file() else None)
+            run.write_status("interrupted", message, resume=command if last.is_file() else None)
         raise RunInterrupted(message, signal_name) from None
     except Exception as e:
         if rank0 and not resuming:  # a failed resume leaves the run's earlier status as it was
-            write_status(out, "failed", e)
+            run.write_status("failed", e)
         raise
 
 
@@ -149,71 +147,72 @@ def resume(run_dir: str | Path) -> dict:
     Raises:
         ConfigError: not a run dir, a run that completed or diverged, no or an unreadable checkpoint.
     """
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError(f"resume={run}: no config.yaml there, so it is not a run dir of mnist_lab.train "
+    run = RunDir(run_dir)
+    if not run.config.is_file():
+        raise ConfigError(f"resume={run.path}: no config.yaml there, so it is not a run dir of mnist_lab.train "
                           "(those look like outputs/runs/<date>_<time>)")
-    summary = run / "metrics.json"
-    status = json.loads(summary.read_text()).get("status") if summary.is_file() else None
+    status = run.read_metrics().get("status")
     if status == "completed":
-        raise ConfigError(f"resume={run}: that run completed; there is nothing to resume. To train longer, "
+        raise ConfigError(f"resume={run.path}: that run completed; there is nothing to resume. To train longer, "
                           "start a new run (e.g. with trainer.max_epochs=...)")
     if status == "diverged":
-        raise ConfigError(f"resume={run}: that run diverged; from its last good checkpoint it would diverge "
+        raise ConfigError(f"resume={run.path}: that run diverged; from its last good checkpoint it would diverge "
                           "again the same way. Start a new run with a lower optimizer.lr")
-    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt = run.checkpoint("last")
     if not ckpt.is_file():
-        raise ConfigError(f"resume={run}: there is no checkpoints/last.ckpt (the run stopped before its first "
-                          f"epoch ended); start it again as a new run with the settings in {run / 'config.yaml'}")
-    return train(OmegaConf.load(run / "config.yaml"), run, ckpt_path=ckpt)
+        raise ConfigError(f"resume={run.path}: there is no checkpoints/last.ckpt (the run stopped before its first "
+                          f"epoch ended); start it again as a new run with the settings in {run.config}")
+    return train(OmegaConf.load(run.config), run.path, ckpt_path=ckpt)
 
 
-def _fit_and_report(cfg: DictConfig, out: Path, ckpt_path: str | Path | None, rank0: bool,
-                    more_callbacks: list) -> dict:
+def _fit_and_report(cfg: DictConfig, run: RunDir, ckpt_path: Path | None, rank0: bool, more_callbacks: list) -> dict:
     if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+        torch.set_num_threads(cfg.threads)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule, module = build(cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")  # reads and checks the data now, before the trainer starts
-
-    model_name = getattr(module.net, "name", type(module.net).__name__)
-    if rank0 and ckpt_path is None and cfg.get("plots", True):
+    datamodule = build(cfg.data, "data", base=L.LightningDataModule)
+    module = build(cfg.module, "module", base=L.LightningModule)
+    callbacks = {name: build(node, f"callbacks.{name}", base=L.Callback) for name, node in cfg.callbacks.items()
+                 if node is not None}
+    if not cfg.trainer.enable_progress_bar:  # Lightning refuses a progress-bar callback then
+        callbacks = {name: c for name, c in callbacks.items() if not isinstance(c, ProgressBar)}
+    logger = CSVLogger(save_dir=str(run.path), name="", version="")
+    trainer = build(cfg.trainer, "trainer", base=L.Trainer, callbacks=[*callbacks.values(), *more_callbacks],
+                    logger=logger)
+    if rank0:  # downloads happen on rank 0 only (Lightning's contract); the data is read and checked now,
+        datamodule.prepare_data()  # before training starts
+    datamodule.setup("fit")
+    if rank0 and ckpt_path is None and cfg.plots:
         x, y = datamodule.splits["train"]
-        plot_samples(x[:25], y[:25], out / "samples.png", title="first 25 training digits")
-
-    best = ModelCheckpoint(dirpath=out / "checkpoints", **cfg.callbacks.checkpoint)
-    last = ModelCheckpoint(dirpath=out / "checkpoints", **cfg.callbacks.last_checkpoint)
-    timer = Timer(verbose=False)  # train_seconds: the fit loop (training + validation epochs)
-    callbacks = [best, last, timer, ResumeState(), DivergenceGuard(**cfg.callbacks.get("divergence", {}))]
-    if cfg.callbacks.get("early_stopping"):
-        callbacks.append(EarlyStopping(**cfg.callbacks.early_stopping))
-    if cfg.trainer.get("enable_progress_bar", True) and cfg.callbacks.get("progress_bar"):
-        callbacks.append(TQDMProgressBar(**cfg.callbacks.progress_bar))
-    callbacks += [instantiate_checked(c) for c in (cfg.callbacks.get("extra") or {}).values()] + more_callbacks
-    logger = CSVLogger(save_dir=str(out), name="", version="")
-    if ckpt_path is not None and rank0:
-        restore_history(logger, out, up_to_epoch=checkpoint_epoch(ckpt_path))
-    trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, default_root_dir=str(out), logger=logger)
+        plot_samples(x[:25], y[:25], run.path / "samples.png", title="first 25 training digits")
+    if rank0 and ckpt_path is not None:
+        restore_history(logger, run, up_to_epoch=int(read_checkpoint(ckpt_path)["epoch"]))
     with warnings.catch_warnings():
         # CSVLogger warns that the run dir is not empty (we wrote config.yaml); it replaces only
         # metrics.csv. The logging-interval warning is about per-step logs, and we log per epoch.
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        train_seconds = timer.time_elapsed("train")
-        epochs = trainer.current_epoch
-        ckpt = best.best_model_path if cfg.test_ckpt == "best" else last.best_model_path
-        tested = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False)[0]
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    timer: Timer = callbacks["timer"]
+    train_seconds, epochs = timer.time_elapsed("train"), trainer.current_epoch
+    if not rank0:
+        return {"status": "completed"}
 
-    history = read_epoch_metrics(out / "metrics.csv")
+    tested = callbacks[f"{cfg.test_ckpt}_checkpoint"].best_model_path  # "" if no epoch completed
+    if tested:  # the weights of the tested checkpoint, into the in-memory model
+        module.load_state_dict(read_checkpoint(tested)["state_dict"])
+    result = evaluate_model(module, datamodule, run.path, full=cfg.eval.full, seed=cfg.eval.seed, plots=cfg.plots,
+                      temperature=cfg.eval.temperature, max_images=cfg.eval.max_images)
+    history = read_epoch_metrics(run.history)
     val_loss = history.get("val/loss", {})
     best_epoch = min(val_loss, key=val_loss.get) if val_loss else None
     last_epoch = max(val_loss) if val_loss else None
     metrics = {
         "status": "completed",
-        "model": model_name,
-        **{k: float(tested[k]) for k in TEST_KEYS},
+        "model": module.name,
+        **{k: result[k] for k in TEST_KEYS},
+        **{k: result[k] for k in ("test/ece", "test/nll", "temperature", "test/ece_scaled", "test/nll_scaled")
+           if k in result},
+        **robustness_headline(result.get("robustness", {})),
         "best_epoch": best_epoch,
         **{f"best_{k}": history[k].get(best_epoch) for k in ("val/loss", "val/acc", "val/f1_macro") if k in history},
         **{f"last_{k}": history[k].get(last_epoch) for k in ("train/loss", "train/acc", "val/loss", "val/acc")
@@ -230,75 +229,27 @@ def _fit_and_report(cfg: DictConfig, out: Path, ckpt_path: str | Path | None, ra
         "aug": datamodule.hparams.augment,
         "batch_size": datamodule.hparams.batch_size,
         "normalize": {"mode": datamodule.hparams.normalize, "mean": datamodule.mean, "std": datamodule.std},
-        "test_ckpt": os.path.relpath(ckpt, out) if ckpt else None,
+        "test_ckpt": os.path.relpath(tested, run.path) if tested else None,
         "device": str(trainer.strategy.root_device),
         "data_root": str(datamodule.root.resolve()),
-        "run_dir": str(out),
+        "run_dir": str(run.path),
     }
-    if rank0:
-        write_json(out / "metrics.json", metrics)  # first, so a failing evaluation loses nothing
-        if cfg.get("plots", True):
-            plot_curves(out / "metrics.csv", out / "curves.png", title=f"{model_name}")
-            plot_confusion_matrix(module.test_confusion, out / "confusion_matrix.png",
-                                  title=f"{model_name}: test confusion matrix ({cfg.test_ckpt} checkpoint)")
-        if cfg.get("eval", {}).get("full", False) and ckpt:
-            metrics.update(full_evaluation(ckpt, out, datamodule, cfg.eval, plots=cfg.get("plots", True)))
-            write_json(out / "metrics.json", metrics)
-        print(f"run dir: {out}")
-        print(f"test/acc: {metrics['test/acc']:.4f}  ({model_name}, {epochs} epochs, {train_seconds:.1f} s)")
+    run.write_metrics(metrics)
+    if cfg.plots:
+        plot_curves(run.history, run.path / "curves.png", title=module.name)
+    print(f"run dir: {run.path}")
+    print(f"test/acc: {metrics['test/acc']:.4f}  ({module.name}, {epochs} epochs, {train_seconds:.1f} s)")
     return metrics
 
 
-def full_evaluation(ckpt: str, out: Path, datamodule, eval_cfg, plots: bool = True) -> dict:
-    """Run :func:`mnist_lab.evaluate.evaluate_checkpoint` on the tested checkpoint; returns the
-    figures ``metrics.json`` gains: ECE, NLL, temperature, and robustness headline accuracies."""
-    from mnist_lab.evaluate import evaluate_checkpoint, robustness_headline
-
-    result = evaluate_checkpoint(ckpt, out, data_root=datamodule.root, seed=eval_cfg.seed,
-                                 temperature=eval_cfg.temperature, max_images=eval_cfg.max_images, plots=plots)
-    keep = ("test/ece", "test/nll", "temperature", "test/ece_scaled", "test/nll_scaled")
-    return {**{k: result[k] for k in keep if k in result}, **robustness_headline(result["robustness"])}
-
-
-def write_status(out: Path, status: str, error: BaseException | str, **extra) -> None:
-    """Record in ``metrics.json`` why a run stopped early (``failed``, ``diverged``, ``interrupted``)
-    and the error message; figures an earlier write put there (e.g. test metrics) are kept."""
-    path = out / "metrics.json"
-    try:
-        old = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        old = {}
-    error = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(path, {**old, "status": status, "error": error, **extra, "run_dir": str(out)})
-    except OSError:
-        pass  # the run dir itself is not writable: the message on stderr is all there is
-
-
-def checkpoint_epoch(path: str | Path) -> int:
-    """The epoch a Lightning checkpoint was saved in (0-based).
-
-    Raises:
-        ConfigError: the file cannot be read as a Lightning checkpoint.
-    """
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        return int(ckpt["epoch"])
-    except Exception as e:
-        raise ConfigError(f"{path} cannot be read as a Lightning checkpoint ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''}); it may be truncated. Start a new run "
-                          "instead of resuming") from None
-
-
-def restore_history(logger: CSVLogger, out: Path, up_to_epoch: int) -> None:
+def restore_history(logger: CSVLogger, run: RunDir, up_to_epoch: int) -> None:
     """Keep the rows of ``metrics.csv`` up to ``up_to_epoch`` when a run is resumed.
 
     Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts, so the rows are moved
     aside (``.metrics.csv.resume``, kept until they are written again: a resume killed here loses
     nothing) and logged again through the logger, which then appends the resumed epochs.
     """
-    path, aside = out / "metrics.csv", out / ".metrics.csv.resume"
+    path, aside = run.history, run.path / ".metrics.csv.resume"
     if path.is_file() and not aside.is_file():
         os.replace(path, aside)
     if not aside.is_file():
@@ -334,8 +285,8 @@ def main(cfg: DictConfig) -> float | None:
             if others:
                 raise ConfigError(f"resume={cfg.resume} continues the run with its own config.yaml; drop the "
                                   f"other overrides ({' '.join(others)}), or start a new run with them")
-            return resume(out)["test/acc"]
-        return train(cfg, out)["test/acc"]
+            return resume(out).get("test/acc")
+        return train(cfg, out).get("test/acc")
     except RunInterrupted as e:  # also in a sweep: Ctrl-C stops the sweep
         exit_with(e)
     except Exception as e:

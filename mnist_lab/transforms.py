@@ -1,4 +1,4 @@
-"""Batched image transforms: train and eval presets, and a per-image random affine.
+"""Batched image transforms: uint8 to [0, 1], a per-image random affine, robustness perturbations.
 
 All transforms work on whole batches on the device the batch lives on (CPU or GPU); there is
 no per-image Python. torchvision's v2 transforms draw one random transform per call, i.e. one
@@ -101,53 +101,12 @@ class RandomAffineBatch:
                 f"zoom={self.zoom})")
 
 
-class EvalPreset:
-    """uint8 images ``(B, 28, 28)`` or ``(B, 1, 28, 28)`` -> normalised float32 ``(B, 1, 28, 28)``.
-
-    Pixels are scaled to [0, 1] and then standardised with ``(x - mean) / std``; ``mean=0,
-    std=1`` is plain [0, 1] rescaling.
-    """
-
-    def __init__(self, mean: float = 0.0, std: float = 1.0):
-        if not std > 0 or not math.isfinite(mean):
-            raise ConfigError(f"normalisation needs a finite mean and std > 0, got mean={mean}, std={std}")
-        self.mean, self.std = float(mean), float(std)
-
-    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(torch.float32).div_(255.0)
-        return x.unsqueeze(1) if x.dim() == 3 else x
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mean == 0.0 and self.std == 1.0:
-            return x
-        return x.sub_(self.mean).div_(self.std)
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if images.dtype != torch.uint8:
-            return self.normalize(self.to_unit(images))
-        # uint8 in one conversion and two in-place passes: x * (1 / (255 std)) - mean / std
-        x = images.to(torch.float32).mul_(1.0 / (255.0 * self.std)).sub_(self.mean / self.std)
-        return x.unsqueeze(1) if x.dim() == 3 else x
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(mean={self.mean:.4f}, std={self.std:.4f})"
-
-
-class TrainPreset(EvalPreset):
-    """As :class:`EvalPreset`, with optional per-image augmentation applied to the [0, 1] images
-    (before normalisation, so the area outside the digit stays background)."""
-
-    def __init__(self, mean: float = 0.0, std: float = 1.0, augment: RandomAffineBatch | None = None):
-        super().__init__(mean, std)
-        self.augment = augment
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if self.augment is None:
-            return super().__call__(images)
-        return self.normalize(self.augment(self.to_unit(images), generator))
-
-    def __repr__(self) -> str:
-        return f"TrainPreset(mean={self.mean:.4f}, std={self.std:.4f}, augment={self.augment})"
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images ``(B, H, W)`` or ``(B, 1, H, W)`` -> float32 ``(B, 1, H, W)`` in [0, 1]: what every
+    model of mnist_lab takes (it normalises inside, see :class:`mnist_lab.module.Classifier`).
+    Float input is taken to be in [0, 1] already and returned as float32 ``(B, 1, H, W)``."""
+    x = images.to(torch.float32).mul_(1.0 / 255.0) if images.dtype == torch.uint8 else images.to(torch.float32)
+    return x.unsqueeze(1) if x.dim() == 3 else x
 
 
 def elastic(images: torch.Tensor, alpha: float, sigma: float = 4.0,

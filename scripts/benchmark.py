@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from mnist_lab import MNISTDataModule, build_model, load_config, train
-from mnist_lab.transforms import EvalPreset, TrainPreset
+from mnist_lab.transforms import to_unit
 
 
 class StepTimer(Callback):
@@ -65,11 +65,12 @@ class StepTimer(Callback):
             torch.cuda.synchronize()
 
 
-def plain_loop(model, x_u8, y, batch_size, steps, epochs, preset, device):
-    """The floor: returns seconds per epoch and the loss of the first step (a same-math check)."""
+def plain_loop(model, x_u8, y, batch_size, steps, epochs, mean, std, augment, device):
+    """The floor: returns seconds per epoch and the loss of the first step (a same-math check). Without
+    augmentation the whole split is normalised once, as ``torch_floor.py`` does."""
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x01 = preset.to_unit(x_u8.to(device))
-    x_pre = preset.normalize(x01.clone()) if preset.__class__ is EvalPreset else None
+    x01 = to_unit(x_u8.to(device))
+    x_pre = (x01 - mean) / std if augment is None else None
     y = y.to(device)
     gen = torch.Generator(device=device).manual_seed(0)
     seconds, first_loss = [], None
@@ -80,7 +81,7 @@ def plain_loop(model, x_u8, y, batch_size, steps, epochs, preset, device):
         t0 = time.perf_counter()
         for i in range(steps):
             idx = perm[i * batch_size: (i + 1) * batch_size]
-            xb = x_pre[idx] if x_pre is not None else preset.normalize(preset.augment(x01[idx], gen))
+            xb = x_pre[idx] if x_pre is not None else (augment(x01[idx], gen) - mean) / std
             loss = F.cross_entropy(model(xb), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -99,7 +100,7 @@ def fit_path(name, batch_size, steps, epochs, args, seed, workdir) -> list[float
     overrides = [f"model={name}", "data.split=official", f"data.batch_size={batch_size}",
                  f"+aug={str(args.aug).lower()}", f"trainer.max_epochs={epochs}",
                  f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=1",
-                 "trainer.limit_test_batches=1", f"trainer.precision={args.precision}",
+                 "eval.max_images=100", f"trainer.precision={args.precision}",
                  f"trainer.accelerator={'gpu' if args.device.startswith('cuda') else 'cpu'}", "trainer.devices=1",
                  "callbacks.early_stopping.patience=1000", "trainer.enable_progress_bar=false",
                  "trainer.enable_model_summary=false", "eval.full=false", "plots=false", f"seed={seed}"]
@@ -141,14 +142,13 @@ def main() -> int:
             dm.setup()
             x, y = dm.splits["train"]
             steps = max(1, min(args.train_images, len(y)) // bs)
-            preset = TrainPreset(dm.mean, dm.std, dm.augmenter) if args.aug else EvalPreset(dm.mean, dm.std)
             L.seed_everything(0, workers=True, verbose=False)  # the fit path's seed=0: the same initial weights
             model = build_model(name).to(device)
             init = {k: v.clone() for k, v in model.state_dict().items()}
             plain_s, fit_s, first_loss = [], [], None
             for _ in range(args.repeats):
                 model.load_state_dict(init)
-                seconds, loss = plain_loop(model, x, y, bs, steps, args.epochs, preset, device)
+                seconds, loss = plain_loop(model, x, y, bs, steps, args.epochs, dm.mean, dm.std, dm.augmenter, device)
                 plain_s.append(seconds)
                 first_loss = loss if first_loss is None else first_loss
                 fit_s.append(fit_path(name, bs, steps, args.epochs, args, 0, workdir))

@@ -1,4 +1,4 @@
-"""Lightning callbacks the reliability tests plug into real runs (``+callbacks.extra.<name>._target_=probes.X``;
+"""Lightning callbacks the reliability tests plug into real runs (``+callbacks.<name>._target_=probes.X``;
 the subprocess gets ``tests/`` on ``PYTHONPATH``). They observe or disturb a run; they never change its math."""
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ class PoisonAt(L.Callback):
 class SeenSamples(L.Callback):
     """Record which training images this rank saw in each epoch, as indices into the train split.
 
-    Batches arrive normalised; with augmentation off, ``round((x * std + mean) * 255)`` gives back
-    the stored uint8 image, which is looked up in the train split. Writes
+    Batches arrive as images in [0, 1]; with augmentation off, ``round(x * 255)`` gives back the
+    stored uint8 image, which is looked up in the train split. Writes
     ``seen_rank<global rank>.json`` (``{epoch: [indices]}``) into the run dir when training ends.
     """
 
@@ -58,7 +58,7 @@ class SeenSamples(L.Callback):
             images = dm.splits["train"][0].cpu()
             self._index = {img.numpy().tobytes(): i for i, img in enumerate(images)}
         x = batch[0].float().cpu()
-        pixels = ((x * dm.std + dm.mean) * 255).round().clamp(0, 255).to(torch.uint8)[:, 0]
+        pixels = (x * 255).round().clamp(0, 255).to(torch.uint8)[:, 0]
         self.seen.setdefault(trainer.current_epoch, []).extend(self._index[p.numpy().tobytes()] for p in pixels)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mnist_lab import Classifier, MNISTDataModule, build_model
-from mnist_lab.transforms import EvalPreset
+from mnist_lab.transforms import to_unit
 
 REPO_SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
 
@@ -46,12 +46,14 @@ def test_fast_path_gives_the_plain_loops_loss_on_the_same_batch(synthetic_root):
     batch = next(iter(loader))
     x, y = dm.splits["train"]
     plain_x = (x.float() / 255 - dm.mean) / dm.std  # the floor's normalisation of the whole split
+    module.mean.fill_(dm.mean)  # what fitting on dm sets
+    module.std.fill_(dm.std)
     with torch.no_grad():
         fast, _, _ = module.model_step(batch)
         plain = F.cross_entropy(module.net(plain_x.unsqueeze(1)[idx]), y[idx])
     assert torch.equal(batch[1], y[idx])
     assert float(fast) == pytest.approx(float(plain), abs=1e-6)
-    assert torch.allclose(batch[0], EvalPreset(dm.mean, dm.std)(x[idx]))
+    assert torch.allclose(batch[0], to_unit(x[idx]))
 
 
 def test_train_metrics_are_image_means_over_the_epoch(synthetic_root):
@@ -65,7 +67,7 @@ def test_train_metrics_are_image_means_over_the_epoch(synthetic_root):
     trainer.fit(model, dm)
     x, y = dm.splits["train"]
     with torch.no_grad():
-        logits = model.net.eval()(EvalPreset(dm.mean, dm.std)(x))
+        logits = model.eval()(to_unit(x))
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(float(F.cross_entropy(logits, y)), abs=1e-5)
     assert float(trainer.callback_metrics["train/acc"]) == pytest.approx(float((logits.argmax(1) == y).float().mean()))
 
@@ -78,7 +80,7 @@ def fit_a_few_steps(synthetic_root, classifier, precision="32-true", epochs=3, *
                         enable_model_summary=False, **trainer_kwargs)
     dm.setup()
     x, y = dm.splits["train"]
-    xb, yb = EvalPreset(dm.mean, dm.std)(x[:256]), y[:256]
+    xb, yb = to_unit(x[:256]), y[:256]
     with torch.no_grad():
         before = float(F.cross_entropy(classifier.eval()(xb), yb))
     trainer.fit(classifier.train(), dm)
@@ -101,8 +103,8 @@ def test_speed_switches_keep_conv2s_parameters_and_still_learn(synthetic_root, s
 
 
 def test_onecycle_is_sized_to_the_run(synthetic_root):
-    scheduler = partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01)
-    classifier = Classifier(build_model("fc"), scheduler=scheduler, scheduler_interval="step")
+    scheduler = {"scheduler": partial(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.01), "interval": "step"}
+    classifier = Classifier(build_model("fc"), scheduler=scheduler)
     before, after, trainer = fit_a_few_steps(synthetic_root, classifier, epochs=2)
     sched = trainer.lr_scheduler_configs[0].scheduler
     assert sched.total_steps == trainer.estimated_stepping_batches == 2 * 13  # 800 images / 64 per batch
@@ -115,7 +117,7 @@ def test_speedrun_recipe_runs_through_the_normal_entry_point(synthetic_root, tmp
 
     cfg = load_config(["+experiment=speedrun", f"data.root={synthetic_root}", "trainer.enable_progress_bar=false"])
     assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.trainer.precision) == (256, 2, "bf16-mixed")
-    assert cfg.scheduler.scheduler._target_.endswith("OneCycleLR") and cfg.speed.channels_last
+    assert cfg.scheduler.scheduler._target_.endswith("OneCycleLR") and cfg.module.channels_last
     cfg.data.batch_size = 32  # 800 synthetic images: 25 steps (OneCycle needs more than 4)
     metrics = train(cfg, tmp_path / "run")
     assert metrics["params_trainable"] == 225_034 and metrics["epochs"] == 2 and metrics["n_test"] == 100

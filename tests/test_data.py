@@ -8,11 +8,12 @@ from conftest import centroid, synthetic_digits, write_idx, write_synthetic_mnis
 
 from mnist_lab.data import BatchIndexSampler, InMemoryBatches, MNISTDataModule, stratified_split
 from mnist_lab.errors import ConfigError, DataError
-from mnist_lab.transforms import EvalPreset, RandomAffineBatch, TrainPreset, affine
+from mnist_lab.transforms import RandomAffineBatch, affine, to_unit
 
 
 def datamodule(root, **kwargs) -> MNISTDataModule:
     dm = MNISTDataModule(root=root, download=False, **kwargs)
+    dm.prepare_data()
     dm.setup()
     return dm
 
@@ -67,9 +68,11 @@ def test_standardize_uses_train_split_statistics(synthetic_root):
     assert dm.mean == pytest.approx(float(train.mean()), abs=1e-12)
     assert dm.std == pytest.approx(float(train.std()), abs=1e-12)
     assert abs(dm.mean - float(everything.mean())) > 1e-6  # not the pooled statistics
-    x = EvalPreset(dm.mean, dm.std)(dm.splits["train"][0])
-    assert x.shape == (800, 1, 28, 28) and x.dtype == torch.float32
-    assert float(x.mean()) == pytest.approx(0, abs=1e-4) and float(x.std()) == pytest.approx(1, abs=1e-4)
+    x, _ = next(iter(dm.val_dataloader()))  # batches are [0, 1]; the model standardises
+    assert x.shape == (100, 1, 28, 28) and x.dtype == torch.float32
+    assert torch.allclose(x, dm.splits["val"][0].unsqueeze(1).float() / 255, atol=1e-7)
+    z = (to_unit(dm.splits["train"][0]) - dm.mean) / dm.std
+    assert float(z.mean()) == pytest.approx(0, abs=1e-4) and float(z.std()) == pytest.approx(1, abs=1e-4)
 
 
 def test_rescale_maps_pixels_to_unit_interval(synthetic_root):
@@ -77,13 +80,6 @@ def test_rescale_maps_pixels_to_unit_interval(synthetic_root):
     x, _ = next(iter(dm.val_dataloader()))
     assert (dm.mean, dm.std) == (0.0, 1.0)
     assert float(x.min()) >= 0 and float(x.max()) == 1.0
-
-
-def test_normalisation_state_round_trips(synthetic_root):
-    dm = datamodule(synthetic_root)
-    other = MNISTDataModule(root=synthetic_root)
-    other.load_state_dict(dm.state_dict())
-    assert (other.mean, other.std) == (dm.mean, dm.std)
 
 
 # ---------------------------------------------------------------- batches
@@ -155,12 +151,12 @@ def test_ranks_draw_independent_augmentations():
     digit, at the same position of rank 0's and rank 1's batch, comes out differently; each rank
     repeats itself for the same epoch."""
     images = (blob(16)[:, 0] * 255).to(torch.uint8)  # 16 copies of one digit
-    preset = TrainPreset(0.0, 1.0, RandomAffineBatch())
 
     def first_batch(rank):
         sampler = BatchIndexSampler(16, 8, shuffle=True, seed=3, rank=rank, world_size=2)
         sampler.set_epoch(0)
-        return next(iter(InMemoryBatches(images, torch.zeros(16, dtype=torch.long), sampler, preset)))[0]
+        return next(iter(InMemoryBatches(images, torch.zeros(16, dtype=torch.long), sampler,
+                                    RandomAffineBatch())))[0]
 
     assert torch.equal(first_batch(0), first_batch(0))
     assert float((first_batch(0) - first_batch(1)).abs().flatten(1).amax(1).min()) > 0.05
@@ -176,13 +172,12 @@ def test_translation_only_moves_each_digit_by_at_most_ten_percent():
 
 def test_val_and_test_batches_are_never_augmented(synthetic_root):
     dm = datamodule(synthetic_root, augment=True)
-    plain = EvalPreset(dm.mean, dm.std)
     for loader, split in ((dm.val_dataloader(), "val"), (dm.test_dataloader(), "test")):
         x, _ = next(iter(loader))
-        assert torch.equal(x, plain(dm.splits[split][0][: len(x)]))
-    raw = dm.splits["train"][0][:64]
-    augmented = TrainPreset(dm.mean, dm.std, dm.augmenter)(raw, torch.Generator().manual_seed(0))
-    assert (augmented - plain(raw)).abs().flatten(1).amax(1).min() > 0.1  # every training image changed
+        assert torch.equal(x, to_unit(dm.splits[split][0][: len(x)]))
+    raw = to_unit(dm.splits["train"][0][:64])
+    augmented = dm.augmenter(raw, torch.Generator().manual_seed(0))
+    assert (augmented - raw).abs().flatten(1).amax(1).min() > 0.1  # every training image changed
     assert MNISTDataModule(root=synthetic_root).augmenter is None  # off by default
 
 
@@ -193,6 +188,18 @@ def test_missing_data_says_where_it_looked_and_how_to_fix(tmp_path):
     msg = str(err.value)
     assert str(tmp_path / "MNIST" / "raw") in msg and "train-images-idx3-ubyte" in msg
     assert "MNIST_LAB_DATA" in msg and "data.root" in msg and "download is off" in msg
+
+
+def test_only_prepare_data_downloads(tmp_path, monkeypatch):
+    """Lightning's contract: prepare_data (rank 0) downloads, setup (every rank) only reads."""
+    import torchvision
+
+    def no_download(self):
+        raise AssertionError("setup() must not download")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", no_download)
+    with pytest.raises(DataError, match=r"MNIST not found: .* Call prepare_data\(\) first"):
+        MNISTDataModule(root=tmp_path, download=True).setup()
 
 
 def test_failed_download_is_reported_with_the_fix(tmp_path, monkeypatch):

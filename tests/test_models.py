@@ -1,11 +1,13 @@
 """The ConvNet family: exact published parameter counts, layer order, and config errors."""
 
+import inspect
+
 import pytest
 import torch
 from torch import nn
 
 from mnist_lab.errors import ConfigError
-from mnist_lab.models import ConvNet, build_model, count_parameters, list_presets
+from mnist_lab.models import ConvNet, build_model, count_parameters, list_presets, model_config
 
 # trainable parameters of the published architectures (valid 3x3 convs, 2x2 max-pool)
 PUBLISHED = {"fc": 101_770, "conv1": 693_962, "conv2": 225_034, "conv2_bn": 225_482, "conv3": 93_322}
@@ -15,8 +17,18 @@ def kinds(seq: nn.Sequential) -> list[str]:
     return [type(m).__name__ for m in seq]
 
 
-def test_presets_are_the_published_set():
-    assert list_presets() == sorted(PUBLISHED)
+def test_presets_are_the_published_set_and_the_family_base():
+    assert list_presets() == sorted([*PUBLISHED, "convnet"])
+
+
+def test_the_family_base_is_convnets_defaults_so_presets_state_only_what_differs():
+    base = model_config("convnet")
+    assert base == {"_target_": "mnist_lab.models.ConvNet", **{
+        k: list(p.default) if isinstance(p.default, tuple) else p.default
+        for k, p in inspect.signature(ConvNet).parameters.items()}}
+    assert model_config("conv2") == {**base, "name": "conv2"}
+    assert model_config("conv2_bn") == {**base, "name": "conv2_bn", "dropout": 0.25, "dropout_all_blocks": True,
+                                        "dense_dropout": 0.5, "batchnorm": True}
 
 
 @pytest.mark.parametrize(("name", "count"), PUBLISHED.items())

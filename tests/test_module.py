@@ -1,4 +1,5 @@
-"""Classifier metrics against hand-computed values on a small example."""
+"""Classifier: metrics against hand-computed values, normalisation inside the model, and what it
+builds from configs (and refuses to build)."""
 
 import math
 
@@ -8,6 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from mnist_lab import MNISTDataModule, model_config
+from mnist_lab.errors import ConfigError
+from mnist_lab.evaluate import classification_metrics, error_analysis, predict_logits
 from mnist_lab.module import Classifier
 
 
@@ -20,6 +24,13 @@ class LogitsFromPixels(nn.Module):
 
     def forward(self, x):
         return x.flatten(1)[:, :4] + 0 * self.unused
+
+
+class Pixels(LogitsFromPixels):
+    """All pixels as 'logits': the test sees exactly what the network is given."""
+
+    def forward(self, x):
+        return x.flatten(1) + 0 * self.unused
 
 
 def test_test_metrics_equal_hand_computed_values():
@@ -45,8 +56,11 @@ def test_test_metrics_equal_hand_computed_values():
     assert result["test/recall_macro"] == pytest.approx(sum(recall) / 4, abs=1e-6)
     assert result["test/f1_macro"] == pytest.approx(sum(f1) / 4, abs=1e-6)
     assert result["test/loss"] == pytest.approx((6 * right + 2 * wrong) / 8, abs=1e-6)
-    expected_cm = torch.tensor([[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 2, 0], [0, 0, 0, 1]])
-    assert torch.equal(module.test_confusion, expected_cm)
+    # the run's own path (mnist_lab.evaluate: predict_logits, then the same torchmetrics) agrees
+    logits = predict_logits(module, x, batch_size=3)
+    assert classification_metrics(logits, y_true) == pytest.approx(result, abs=1e-6)
+    expected_cm = [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 2, 0], [0, 0, 0, 1]]
+    assert error_analysis(logits, y_true)["confusion"] == expected_cm
 
 
 def test_default_optimizer_is_adam_lr_1e3_and_scheduler_is_wired():
@@ -54,7 +68,52 @@ def test_default_optimizer_is_adam_lr_1e3_and_scheduler_is_wired():
     opt = module.configure_optimizers()
     assert isinstance(opt, torch.optim.Adam) and opt.defaults["lr"] == 1e-3
     module = Classifier(nn.Linear(2, 2), num_classes=2,
-                        scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 1), scheduler_interval="step")
+                        scheduler={"scheduler": lambda o: torch.optim.lr_scheduler.StepLR(o, 1), "interval": "step"})
     conf = module.configure_optimizers()
     assert isinstance(conf["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
     assert conf["lr_scheduler"]["interval"] == "step"
+
+
+def test_the_model_takes_unit_images_and_standardises_with_the_fitted_datamodules_statistics(synthetic_root):
+    dm = MNISTDataModule(root=synthetic_root)
+    model = Classifier(Pixels())
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=0, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, dm)  # no step: only the setup hooks run
+    assert (float(model.mean), float(model.std)) == pytest.approx((dm.mean, dm.std), rel=1e-6)
+    assert 0.1 < dm.mean < 0.2 and dm.std > 0.15  # not the 0 / 1 the model starts with
+    x = dm.splits["train"][0][:64].float().unsqueeze(1) / 255
+    assert torch.allclose(model(x), ((x - dm.mean) / dm.std).flatten(1), atol=1e-5)
+    assert set(model.state_dict()) == {"mean", "std", "net.unused"}  # so every checkpoint carries them
+
+
+def test_a_config_net_is_built_and_saved_as_plain_data():
+    model = Classifier(model_config("conv2", dropout=0.25), optimizer={"_target_": "torch.optim.SGD",
+                                                                       "_partial_": True, "lr": 0.1})
+    assert model.net.name == "conv2" and model.net.backbone[6].p == 0.25
+    assert model.hparams.net["_target_"] == "mnist_lab.models.ConvNet" and model.hparams.net["dropout"] == 0.25
+    opt = model.configure_optimizers()
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.1
+    # an object is used, not saved: its checkpoint could not load with weights_only=True
+    assert "net" not in Classifier(nn.Linear(784, 10)).hparams
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"net": {"_target_": "subprocess.Popen", "args": ["true"]}}, "model._target_=subprocess.Popen is not a torch.nn"),
+    ({"net": {"_target_": "nowhere.Net"}}, "model._target_=nowhere.Net cannot be imported"),
+    ({"net": {"_target_": "torch.nn.Sequential", "_args_": [{"_target_": "os.system", "_args_": ["true"]}]}},
+     r"model._args_\[0\]._target_=os.system is not a torch.nn"),
+    ({"net": {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 2},
+      "optimizer": {"_target_": "os.system", "_partial_": True}},
+     "optimizer._target_=os.system is not a torch.optim"),
+])
+def test_configs_build_only_modules_optimizers_and_schedulers(kwargs, message):
+    """A checkpoint's configs come from a file anyone can write: nothing else is ever called."""
+    with pytest.raises(ConfigError, match=message):
+        Classifier(**kwargs)
+
+
+def test_an_impossible_learning_rate_is_a_config_error_before_training():
+    model = Classifier(nn.Linear(2, 2), optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": -1})
+    with pytest.raises(ConfigError, match=r"optimizer: Invalid learning rate: -1 \(fix the optimizer"):
+        model.configure_optimizers()

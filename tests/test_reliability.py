@@ -12,9 +12,8 @@ from conftest import QUIET, run_module, synthetic_digits, write_idx, write_synth
 from mnist_lab import load_config, train
 from mnist_lab.errors import ConfigError, TrainingDiverged
 from mnist_lab.evaluate import load_checkpoint, predict_logits
-from mnist_lab.files import write_json
+from mnist_lab.rundir import write_json
 from mnist_lab.train import resume
-from mnist_lab.transforms import EvalPreset
 
 # conv2 with dropout and augmentation: every kind of randomness (init, shuffling, augmentation,
 # dropout) is in play; a one-cycle LR stepped every batch; 4 epochs of 25 steps
@@ -47,7 +46,7 @@ def same(x, y) -> bool:
 def assert_same_state(run, reference) -> None:
     """The two runs' last checkpoints hold the same weights, optimizer, LR scheduler, early-stopping
     and RNG states."""
-    a, b = (torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    a, b = (torch.load(r / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
             for r in (run, reference))
     assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
     for key in ("state_dict", "optimizer_states", "lr_schedulers"):
@@ -87,11 +86,11 @@ def test_the_same_seed_gives_identical_metrics(reference_run, synthetic_root, tm
 def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(signal, code, reference_run, synthetic_root,
                                                                       tmp_path):
     run = tmp_path / "run"
-    kill = [f"+callbacks.extra.kill.{k}={v}" for k, v in
+    kill = [f"+callbacks.kill.{k}={v}" for k, v in
             (("_target_", "probes.SignalAt"), ("epoch", 2), ("batch", 5), ("signal", signal))]
     killed = train_cli([*RUN, *kill, f"hydra.run.dir={run}"], synthetic_root, tmp_path)
     assert killed.returncode == code, killed.stderr[-3000:]
-    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 1  # epochs 0 and 1 completed; the kill came in the middle of epoch 2
     if signal == "SIGKILL":
         assert not (run / "metrics.json").exists()
@@ -111,7 +110,7 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(signal, cod
 
 def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(synthetic_root, tmp_path):
     run = tmp_path / "run"
-    kill = [f"+callbacks.extra.kill.{k}={v}" for k, v in
+    kill = [f"+callbacks.kill.{k}={v}" for k, v in
             (("_target_", "probes.SignalAt"), ("epoch", 0), ("batch", 3), ("signal", "SIGINT"))]
     proc = train_cli(["model=fc", *kill, f"hydra.run.dir={run}", *QUIET], synthetic_root, tmp_path)
     assert proc.returncode == 130
@@ -177,14 +176,14 @@ def test_a_loss_that_blows_up_stops_training_at_that_step(synthetic_root, tmp_pa
 
 
 def test_a_nan_after_good_epochs_keeps_the_last_good_checkpoint(synthetic_root, tmp_path):
-    poison = ["+callbacks.extra.poison._target_=probes.PoisonAt", "+callbacks.extra.poison.epoch=2",
-              "+callbacks.extra.poison.batch=3"]
+    poison = ["+callbacks.poison._target_=probes.PoisonAt", "+callbacks.poison.epoch=2",
+              "+callbacks.poison.batch=3"]
     cfg = load_config(["model=fc", f"data.root={synthetic_root}", "plots=false", *poison, *QUIET])
     with pytest.raises(TrainingDiverged, match=r"became nan .* in epoch 2, at global step 54"):
         train(cfg, tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "diverged" and metrics["last_good_checkpoint"] == "checkpoints/last.ckpt"
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 1 and all(torch.isfinite(w).all() for w in last["state_dict"].values())
     assert len(rows(tmp_path / "run")) == 4  # val and train rows of epochs 0 and 1: nothing lost
 
@@ -192,12 +191,12 @@ def test_a_nan_after_good_epochs_keeps_the_last_good_checkpoint(synthetic_root, 
 def test_a_sparser_divergence_check_still_stops_before_the_next_checkpoint(synthetic_root, tmp_path):
     """check_every_n_steps=100 (the speedrun's GPU setting) with 25 steps an epoch: the check at the
     end of the epoch catches a NaN from step 3 of epoch 1, before that epoch's checkpoint."""
-    poison = ["+callbacks.extra.poison._target_=probes.PoisonAt", "+callbacks.extra.poison.epoch=1",
-              "+callbacks.extra.poison.batch=3", "callbacks.divergence.check_every_n_steps=100"]
+    poison = ["+callbacks.poison._target_=probes.PoisonAt", "+callbacks.poison.epoch=1",
+              "+callbacks.poison.batch=3", "callbacks.divergence.check_every_n_steps=100"]
     cfg = load_config(["model=fc", f"data.root={synthetic_root}", "plots=false", *poison, *QUIET])
     with pytest.raises(TrainingDiverged, match=r"in epoch 1, within the 100 steps before global step 50"):
         train(cfg, tmp_path / "run")
-    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 0 and all(torch.isfinite(w).all() for w in last["state_dict"].values())
 
 
@@ -205,7 +204,7 @@ def test_a_sparser_divergence_check_still_stops_before_the_next_checkpoint(synth
 def test_two_process_ddp_on_cpu(synthetic_root, tmp_path):
     run = tmp_path / "run"
     args = ["model=fc", "optimizer.lr=1e-5", "trainer.max_epochs=2", "trainer.accelerator=cpu", "trainer.devices=2",
-            "trainer.strategy=ddp", "eval.full=false", "+callbacks.extra.seen._target_=probes.SeenSamples",
+            "trainer.strategy=ddp", "eval.full=false", "+callbacks.seen._target_=probes.SeenSamples",
             f"hydra.run.dir={run}", *QUIET]
     proc = train_cli(args, synthetic_root, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -223,15 +222,17 @@ def test_two_process_ddp_on_cpu(synthetic_root, tmp_path):
     assert written == {".hydra", "checkpoints", "config.yaml", "hparams.yaml", "metrics.csv", "metrics.json",
                        "curves.png", "confusion_matrix.png", "samples.png", "train.log", "train_ddp_process_1.log"}
 
-    # the test accuracy logged by the 2 processes (synced over ranks) is a single-process evaluation's
+    # the metrics of the 2-process run equal a single-process evaluation of its checkpoint: the val
+    # metrics that each rank computed on its half and synced, and the test metrics rank 0 computed
     metrics = json.loads((run / "metrics.json").read_text())
     model, dm = load_checkpoint(run / metrics["test_ckpt"], data_root=synthetic_root, device="cpu")
     dm.setup()
-    x, y = dm.splits["test"]
-    logits = predict_logits(model, x, EvalPreset(dm.mean, dm.std))
-    assert 0.2 < metrics["test/acc"] < 0.95  # not a trivial 0 or 1
-    assert metrics["test/acc"] == pytest.approx((logits.argmax(1) == y).float().mean().item(), abs=1e-6)
-    assert metrics["test/loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5)
+    for split, acc, loss in (("val", "best_val/acc", "best_val/loss"), ("test", "test/acc", "test/loss")):
+        x, y = dm.splits[split]
+        logits = predict_logits(model, x)
+        assert 0.1 < metrics[acc] < 0.95  # not a trivial 0 or 1
+        assert metrics[acc] == pytest.approx((logits.argmax(1) == y).float().mean().item(), abs=1e-6), split
+        assert metrics[loss] == pytest.approx(torch.nn.functional.cross_entropy(logits, y).item(), rel=1e-5), split
 
 
 # ---------------------------------------------------------------- bad input
@@ -268,6 +269,13 @@ def corrupt(root, case: str):
     (["model.depth=-1"], None, 2, "model.depth=-1"),
     (["+aug=maybe"], None, 2, "aug/data.augment must be true or false, got 'maybe'"),
     (["hydra.run.dir={tmp}/a_file/run"], None, 2, "cannot write the run dir {tmp}/a_file/run: Not a directory"),
+    (["optimizer.lr=-1"], None, 2, "optimizer: Invalid learning rate: -1 (fix the optimizer.* values"),
+    (["seed=abc"], None, 2, "seed='abc' must be a non-negative integer, e.g. seed=42"),
+    (["run_dir={tmp}/elsewhere"], None, 2, "run_dir={tmp}/elsewhere is filled in by mnist_lab.train; choose the"),
+    (["model.nonsense=3"], None, 1, "Could not override 'model.nonsense'"),
+    (["+model.nonsense=3"], None, 2, "model: ConvNet.__init__() got an unexpected keyword argument 'nonsense'"),
+    pytest.param(["trainer.accelerator=gpu"], None, 2, "trainer.accelerator=gpu, but torch finds no GPU on this",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
 ])
 def test_bad_input_is_answered_before_training_with_one_line(args, case, code, message, tmp_path):
     root = write_synthetic_mnist(tmp_path / "data", n_train=100, n_test=20)
@@ -289,8 +297,8 @@ def test_bad_input_is_answered_before_training_with_one_line(args, case, code, m
 
 
 def test_evaluate_and_predict_answer_a_wrong_checkpoint_with_one_line(reference_run, synthetic_root, tmp_path):
-    ckpt = torch.load(reference_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
-    ckpt["hyper_parameters"]["net_config"]["depth"] = 3  # conv2's weights, conv3's architecture
+    ckpt = torch.load(reference_run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["net"]["depth"] = 3  # conv2's weights, conv3's architecture
     torch.save(ckpt, tmp_path / "other_arch.ckpt")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     (tmp_path / "digit.png").write_bytes(b"")

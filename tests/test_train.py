@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import QUIET, run_module
 
-from mnist_lab import Classifier, MNISTDataModule, build_model, load_config, train
+from mnist_lab import Classifier, MNISTDataModule, build_model, load_config, model_config, train
 from mnist_lab.errors import ConfigError
 
 
@@ -43,10 +43,10 @@ def test_cli_command_trains_and_writes_every_output(synthetic_root, tmp_path):
         image = matplotlib.image.imread(run / png)
         assert image.shape[0] > 200 and image.std() > 0.01  # a real picture, not a blank canvas
 
-    ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False, map_location="cpu")
-    assert ckpt["MNISTDataModule"]["mean"] == pytest.approx(metrics["normalize"]["mean"])
-    assert ckpt["hyper_parameters"]["net_config"]["name"] == "conv2"
-    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
+    assert float(ckpt["state_dict"]["mean"]) == pytest.approx(metrics["normalize"]["mean"])
+    assert ckpt["hyper_parameters"]["net"]["name"] == "conv2"
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert last["epoch"] == metrics["epochs"] - 1  # the last epoch, whether or not it was the best
 
 
@@ -63,15 +63,35 @@ def test_train_from_python_without_hydra_run(synthetic_root, tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
 
 
-def test_notebook_style_use_of_the_pieces(synthetic_root):
+def test_notebook_style_use_of_the_pieces(synthetic_root, tmp_path):
     L.seed_everything(0)
     dm = MNISTDataModule(root=synthetic_root, batch_size=64, augment=True)
-    model = Classifier(build_model("conv3"))
+    model = Classifier(model_config("conv3"))
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, dm)
     result = trainer.test(model, dm, verbose=False)[0]
     assert result["test/acc"] > 0.5
+    trainer.save_checkpoint(tmp_path / "nb.ckpt")  # a notebook's checkpoint describes its model too
+    loaded = Classifier.load_from_checkpoint(tmp_path / "nb.ckpt", weights_only=True)
+    x = dm.splits["test"][0].float().unsqueeze(1) / 255
+    assert torch.equal(loaded.eval()(x), model.eval()(x))
+    assert Classifier(build_model("conv3")).net.num_features == loaded.net.num_features == 576
+
+
+def test_load_from_checkpoint_alone_reproduces_the_runs_test_accuracy(synthetic_root, tmp_path):
+    """Lightning's own API, the checkpoint alone (no datamodule, no config): images in [0, 1] -> logits."""
+    cfg = load_config(["model=conv2", f"data.root={synthetic_root}", "trainer.max_epochs=1", "plots=false",
+                       "trainer.limit_train_batches=4", "eval.full=false", *QUIET])
+    metrics = train(cfg, tmp_path / "run")
+    assert 0.15 < metrics["test/acc"] < 0.95  # undertrained: a wrong model would not match by chance
+    model = Classifier.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt").eval()
+    dm = MNISTDataModule(root=synthetic_root)
+    dm.setup()
+    images, labels = dm.splits["test"]
+    with torch.no_grad():
+        acc = (model(images.float().unsqueeze(1) / 255).argmax(1) == labels).float().mean().item()
+    assert acc == pytest.approx(metrics["test/acc"], abs=1e-4)
 
 
 def test_bad_config_values_fail_before_training(synthetic_root, tmp_path):
@@ -86,11 +106,19 @@ def test_bad_config_values_fail_before_training(synthetic_root, tmp_path):
 
 def test_a_short_run_on_real_mnist_learns(real_root, tmp_path):
     cfg = load_config(["model=conv2", f"data.root={real_root}", "trainer.max_epochs=1", "plots=false",
-                       "trainer.limit_train_batches=300", "trainer.limit_val_batches=2",
-                       "trainer.limit_test_batches=2", "eval.max_images=1000", *QUIET])
-    metrics = train(cfg, tmp_path / "run")  # 9,600 training images, 2,000 val and test images
+                       "trainer.limit_train_batches=300", "trainer.limit_val_batches=2", "eval.max_images=1000",
+                       *QUIET])
+    metrics = train(cfg, tmp_path / "run")  # 9,600 training images, 2,000 val images, 1,000 test images
     assert metrics["test/acc"] > 0.93 and metrics["best_val/loss"] < 0.25
     assert metrics["robustness/rotation_20"] < metrics["test/acc"]  # the suite ran on real digits
+    # the checkpoint alone reproduces the run's test accuracy on the same 1,000 real test images
+    model = Classifier.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt").eval()
+    dm = MNISTDataModule(root=real_root)
+    dm.setup()
+    images, labels = dm.splits["test"][0][:1000], dm.splits["test"][1][:1000]
+    with torch.no_grad():
+        acc = (model(images.float().unsqueeze(1) / 255).argmax(1) == labels).float().mean().item()
+    assert acc == pytest.approx(metrics["test/acc"], abs=1e-4)
 
 
 @pytest.mark.slow
@@ -108,7 +136,7 @@ def test_published_protocol_fc_on_the_official_split_reaches_97_percent(real_roo
 def test_per_step_loss_is_logged_every_n_steps_only_when_asked(synthetic_root, tmp_path):
     common = ["model=fc", f"data.root={synthetic_root}", "trainer.max_epochs=2", "plots=false", "eval.full=false",
               *QUIET]  # 800 images at batch 32: 25 steps an epoch
-    train(load_config([*common, "log_train_steps=true", "trainer.log_every_n_steps=5"]), tmp_path / "steps")
+    train(load_config([*common, "module.log_train_steps=true", "trainer.log_every_n_steps=5"]), tmp_path / "steps")
     with open(tmp_path / "steps" / "metrics.csv") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss_step")]
     assert steps == list(range(4, 50, 5))

@@ -1,10 +1,16 @@
-"""Architectures: the :class:`ConvNet` family and its published presets (``conf/model/*.yaml``)."""
+"""Architectures: the :class:`ConvNet` family and its published presets (``conf/model/*.yaml``).
+
+A model is any ``nn.Module`` mapping normalised float ``(B, 1, 28, 28)`` images to logits; a preset
+is a ``_target_`` config of one. A new architecture is one Python file (here, or anywhere on
+``PYTHONPATH``) and one YAML file in ``conf/model/`` (or a folder given by ``hydra.searchpath``).
+"""
 
 from __future__ import annotations
 
 from omegaconf import OmegaConf
+from torch import nn
 
-from mnist_lab.config import CONF_DIR, instantiate_checked
+from mnist_lab.config import CONF_DIR, build, load_config
 from mnist_lab.errors import ConfigError
 from mnist_lab.models.convnet import ConvNet, count_parameters
 
@@ -14,7 +20,21 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
-def build_model(name: str, **overrides) -> ConvNet:
+def model_config(name: str, **overrides) -> dict:
+    """A preset's ``_target_`` config as a plain dict, optionally changed:
+    ``model_config("conv2", dropout=0.25)``. ``Classifier(model_config(...))`` saves it in its
+    checkpoints, so ``Classifier.load_from_checkpoint`` rebuilds the network.
+
+    Raises:
+        ConfigError: unknown preset name.
+    """
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(list_presets())}")
+    return OmegaConf.to_container(OmegaConf.merge(load_config([f"model={name}"]).model, overrides), resolve=True)
+
+
+def build_model(name: str, **overrides) -> nn.Module:
     """Build a preset, optionally changed: ``build_model("conv2", dropout=0.25)``.
 
     The preset's YAML is the single source of truth, for the CLI (``model=conv2``) and for this.
@@ -22,11 +42,7 @@ def build_model(name: str, **overrides) -> ConvNet:
     Raises:
         ConfigError: unknown preset name, or an override the model rejects.
     """
-    path = CONF_DIR / "model" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(list_presets())}")
-    cfg = OmegaConf.merge(OmegaConf.load(path), overrides)
-    return instantiate_checked(cfg, _convert_="all")
+    return build(model_config(name, **overrides), "model", base=nn.Module)
 
 
-__all__ = ["CONF_DIR", "ConvNet", "build_model", "count_parameters", "list_presets"]
+__all__ = ["CONF_DIR", "ConvNet", "build_model", "count_parameters", "list_presets", "model_config"]

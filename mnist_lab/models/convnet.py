@@ -85,10 +85,6 @@ class ConvNet(nn.Module):
             raise ConfigError(f"model.dense_units={dense_units} must be >= 0 (0 = no hidden layer)")
         dropout, dense_dropout = _check_rate("dropout", dropout), _check_rate("dense_dropout", dense_dropout)
         self.name = name or f"convnet_d{depth}"
-        self.config = dict(depth=depth, channels=channels, pool=pool, kernel_size=kernel_size,
-                           dense_units=dense_units, dropout=dropout, dropout_all_blocks=dropout_all_blocks,
-                           dense_dropout=dense_dropout, batchnorm=batchnorm, in_channels=in_channels,
-                           image_size=image_size, num_classes=num_classes, name=self.name)
 
         layers: list[nn.Module] = []
         c, size = in_channels, image_size
