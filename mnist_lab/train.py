@@ -201,7 +201,7 @@ def _fit_and_report(cfg: DictConfig, run: RunDir, ckpt_path: Path | None, rank0:
     if tested:  # the weights of the tested checkpoint, into the in-memory model
         module.load_state_dict(read_checkpoint(tested)["state_dict"])
     result = evaluate_model(module, datamodule, run.path, full=cfg.eval.full, seed=cfg.eval.seed, plots=cfg.plots,
-                      temperature=cfg.eval.temperature, max_images=cfg.eval.max_images)
+                            temperature=cfg.eval.temperature, max_images=cfg.eval.max_images)
     history = read_epoch_metrics(run.history)
     val_loss = history.get("val/loss", {})
     best_epoch = min(val_loss, key=val_loss.get) if val_loss else None
