@@ -36,7 +36,7 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "train") -> Di
         return compose(config_name=config_name, overrides=list(overrides))
 
 
-def check_targets(cfg, base: type, key: str) -> None:
+def check_targets(cfg, base: type | tuple[type, ...], key: str) -> None:
     """Check that every ``_target_`` that instantiating ``cfg`` would call names a subclass of ``base``
     (the nested ones too, unless a node says ``_recursive_: false``: its target builds those itself).
     A config can come from a checkpoint (a file from anyone): building only ``nn.Module`` / optimizer /
@@ -53,8 +53,10 @@ def check_targets(cfg, base: type, key: str) -> None:
                 raise ConfigError(f"{key}._target_={cfg['_target_']} cannot be imported ({e}); put its module on "
                                   "PYTHONPATH, or fix the name") from None
             if not (isinstance(target, type) and issubclass(target, base)):
-                raise ConfigError(f"{key}._target_={cfg['_target_']} is not a {base.__module__}.{base.__qualname__} "
-                                  "class, so mnist_lab does not build it")
+                names = " or ".join(f"{b.__module__}.{b.__qualname__}" for b in (base if isinstance(base, tuple)
+                                                                                else (base,)))
+                raise ConfigError(f"{key}._target_={cfg['_target_']} is not a {names} class, so mnist_lab does not "
+                                  "build it")
             if cfg.get("_recursive_") is False:
                 return
         for name, value in cfg.items():
@@ -64,22 +66,21 @@ def check_targets(cfg, base: type, key: str) -> None:
             check_targets(value, base, f"{key}[{i}]")
 
 
-def build(cfg, key: str, base: type | None = None, **kwargs):
+def build(cfg, key: str, base: type | tuple[type, ...], **kwargs):
     """``hydra.utils.instantiate(cfg, **kwargs)`` (lists and dicts reach the target as plain Python
     objects), with the user's mistakes as :class:`ConfigError`.
 
     Args:
         cfg: a ``_target_`` node.
         key: its place in the config (``"model"``), for messages.
-        base: if given, every ``_target_`` in ``cfg`` must name a subclass of it (:func:`check_targets`).
+        base: every ``_target_`` in ``cfg`` must name a subclass of it (:func:`check_targets`).
 
     Raises:
         MnistLabError: raised by the target itself (e.g. a ConvNet's ``ConfigError``), unwrapped.
         ConfigError: a bad value or argument for the target (its ``ValueError`` / ``TypeError``, or
             Lightning's ``MisconfigurationException``), with the target's own message.
     """
-    if base is not None:
-        check_targets(cfg, base, key)
+    check_targets(cfg, base, key)
     try:
         return instantiate(cfg, **{"_convert_": "all", **kwargs})
     except InstantiationException as e:

@@ -106,6 +106,9 @@ def test_a_config_net_is_built_and_saved_as_plain_data():
     ({"net": {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 2},
       "optimizer": {"_target_": "os.system", "_partial_": True}},
      "optimizer._target_=os.system is not a torch.optim"),
+    ({"net": {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 2},
+      "scheduler": {"scheduler": {"_target_": "os.system", "_partial_": True}, "interval": "epoch"}},
+     "scheduler._target_=os.system is not a torch.optim.lr_scheduler.LRScheduler or torch.optim.lr_scheduler.Red"),
 ])
 def test_configs_build_only_modules_optimizers_and_schedulers(kwargs, message):
     """A checkpoint's configs come from a file anyone can write: nothing else is ever called."""
