@@ -1,6 +1,7 @@
 """The ConvNet family: exact published parameter counts, layer order, and config errors."""
 
 import inspect
+import re
 
 import pytest
 import torch
@@ -11,14 +12,29 @@ from mnist_lab.models import ConvNet, build_model, count_parameters, list_preset
 
 # trainable parameters of the published architectures (valid 3x3 convs, 2x2 max-pool)
 PUBLISHED = {"fc": 101_770, "conv1": 693_962, "conv2": 225_034, "conv2_bn": 225_482, "conv3": 93_322}
+# the other families' presets (README table); by hand for resnet_20k: stem 9*8 = 72; stage 1 (8 -> 8):
+# 2 BN (2*8 each) + 2 convs (9*8*8 each) = 1,184; stage 2 (8 -> 16, stride 2): BN 16 + conv 1,152 + BN 32
+# + conv 2,304 + 1x1 projection 128 = 3,632; stage 3 (16 -> 32): 32 + 4,608 + 64 + 9,216 + 512 = 14,432;
+# head BN 64 + Linear 330 = 394; total 19,714
+FAMILIES = {"resnet_20k": 19_714, "resnet_80k": 77_562, "resnet_270k": 271_994, "depthwise_3k": 2_858,
+            "depthwise_9k": 9_034, "depthwise_32k": 31_946, "vit_70k": 72_074, "vit_140k": 139_018,
+            "vit_300k": 306_826}
+BASES = {"convnet": 225_034, "resnet": 77_562, "depthwise": 9_034, "vit": 139_018}
 
 
 def kinds(seq: nn.Sequential) -> list[str]:
     return [type(m).__name__ for m in seq]
 
 
-def test_presets_are_the_published_set_and_the_family_base():
-    assert list_presets() == sorted([*PUBLISHED, "convnet"])
+def test_presets_are_the_published_set_the_families_and_their_bases():
+    assert list_presets() == sorted([*PUBLISHED, *FAMILIES, *BASES])
+
+
+@pytest.mark.parametrize(("name", "count"), {**FAMILIES, **BASES}.items())
+def test_family_preset_has_its_parameter_count_and_maps_images_to_logits(name, count):
+    model = build_model(name)
+    assert count_parameters(model) == count
+    assert model.eval()(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 
 
 def test_the_family_base_is_convnets_defaults_so_presets_state_only_what_differs():
@@ -113,3 +129,66 @@ def test_negative_depth_and_too_short_width_lists_are_rejected():
 def test_unknown_preset_names_the_choices():
     with pytest.raises(ConfigError, match="unknown model preset 'conv9'; choose one of conv1, conv2, conv2_bn"):
         build_model("conv9")
+
+
+# ---------------------------------------------------------------- ConvNet's classic knobs
+def test_same_padding_gap_head_and_width_change_the_counts_as_computed_by_hand():
+    # same padding: 28 -> 14 -> 7 px after two pools; 320 + 18,496 + (7*7*64*128 + 128) + 1,290
+    assert count_parameters(build_model("conv2", padding="same")) == 421_642
+    # global average pooling: 64 features; 320 + 18,496 + (64*128 + 128) + 1,290
+    model = build_model("conv2", head="gap")
+    assert count_parameters(model) == 28_426 and model.num_features == 64
+    # width 0.5: convs 16 and 32, dense 64; 160 + 4,640 + (5*5*32*64 + 64) + 650
+    assert count_parameters(build_model("conv2", width=0.5)) == 56_714
+    assert model.eval()(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(("activation", "layer"), [("relu", nn.ReLU), ("gelu", nn.GELU), ("silu", nn.SiLU)])
+def test_the_activation_is_used_after_every_conv_and_the_dense_layer(activation, layer):
+    model = build_model("conv3", activation=activation)
+    assert sum(isinstance(m, layer) for m in model.modules()) == 4
+    assert sum(isinstance(m, (nn.ReLU, nn.GELU, nn.SiLU)) for m in model.modules()) == 4
+    assert count_parameters(model) == PUBLISHED["conv3"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"activation": "tanh"}, "unknown model.activation='tanh'; choose one of relu, gelu, silu"),
+    ({"padding": "full"}, "unknown model.padding='full'"),
+    ({"head": "gap", "depth": 0}, "model.head=gap pools conv features: it needs model.depth >= 1"),
+    ({"width": 0}, "model.width=0 must be > 0"),
+])
+def test_bad_convnet_knobs_are_rejected(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_model("conv2", **overrides)
+
+
+# ---------------------------------------------------------------- the other families
+def test_resnet_blocks_add_their_input_and_project_only_where_the_shape_changes():
+    model = build_model("resnet_270k")
+    blocks = [m for m in model.modules() if type(m).__name__ == "PreActBlock"]
+    assert len(blocks) == 9 and sum(b.projection is not None for b in blocks) == 2  # at 16 -> 32 and 32 -> 64
+    block = blocks[1]  # 16 -> 16: identity shortcut
+    with torch.no_grad():
+        block.conv2.weight.zero_()
+    x = torch.randn(2, 16, 28, 28)
+    assert torch.equal(block.eval()(x), x)
+    assert model.backbone(torch.zeros(2, 1, 28, 28)).shape == (2, 64)  # global average pool of 64 channels
+
+
+def test_depthwise_blocks_are_depthwise_then_pointwise():
+    convs = [m for m in build_model("depthwise_3k").modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.groups, c.kernel_size[0]) for c in convs] == [
+        (1, 8, 1, 3), (8, 8, 8, 3), (8, 16, 1, 1), (16, 16, 16, 3), (16, 32, 1, 1), (32, 32, 32, 3), (32, 32, 1, 1)]
+
+
+def test_vit_tokens_pooling_and_bad_settings():
+    cls, mean = build_model("vit_70k"), build_model("vit_70k", pool="mean")
+    assert cls.pos_embed.shape == (1, 50, 64) and mean.pos_embed.shape == (1, 49, 64)
+    assert count_parameters(cls) - count_parameters(mean) == 64 + 64  # the class token and its position
+    assert build_model("vit_70k", patch_size=7).pos_embed.shape == (1, 17, 64)
+    layer = cls.encoder.layers[0]
+    assert layer.norm_first and layer.self_attn.num_heads == 4 and layer.linear1.out_features == 128
+    with pytest.raises(ConfigError, match="model.patch_size=5 must divide the 28px image"):
+        build_model("vit_70k", patch_size=5)
+    with pytest.raises(ConfigError, match="model.heads=5 must divide model.dim=64"):
+        build_model("vit_70k", heads=5)

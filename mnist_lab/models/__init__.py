@@ -1,4 +1,5 @@
-"""Architectures: the :class:`ConvNet` family and its published presets (``conf/model/*.yaml``).
+"""Architectures: the :class:`ConvNet` family (the published presets), :class:`ResNet`,
+:class:`DepthwiseNet` and :class:`ViT`, each with presets in ``conf/model/*.yaml``.
 
 A model is any ``nn.Module`` mapping normalised float ``(B, 1, 28, 28)`` images to logits; a preset
 is a ``_target_`` config of one. A new architecture is one Python file (here, or anywhere on
@@ -13,6 +14,9 @@ from torch import nn
 from mnist_lab.config import CONF_DIR, build, load_config
 from mnist_lab.errors import ConfigError
 from mnist_lab.models.convnet import ConvNet, count_parameters
+from mnist_lab.models.depthwise import DepthwiseNet
+from mnist_lab.models.resnet import ResNet
+from mnist_lab.models.vit import ViT
 
 
 def list_presets() -> list[str]:
@@ -45,4 +49,5 @@ def build_model(name: str, **overrides) -> nn.Module:
     return build(model_config(name, **overrides), "model", base=nn.Module)
 
 
-__all__ = ["CONF_DIR", "ConvNet", "build_model", "count_parameters", "list_presets", "model_config"]
+__all__ = ["CONF_DIR", "ConvNet", "DepthwiseNet", "ResNet", "ViT", "build_model", "count_parameters", "list_presets",
+           "model_config"]

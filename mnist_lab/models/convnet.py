@@ -5,8 +5,9 @@ and the linear layer that gives the logits). Every published architecture mnist_
 (``conf/model/*.yaml``) is a point in this space, so a sweep can walk depth, widths, dropout and
 BatchNorm from any preset.
 
-Conv block ``i`` (1-based): ``Conv2d(k x k, valid padding) -> [BatchNorm2d] -> ReLU ->
-[MaxPool2d(2)] -> [Dropout]``. Head: ``Linear -> [BatchNorm1d] -> ReLU -> [Dropout] -> Linear``.
+Conv block ``i`` (1-based): ``Conv2d(k x k, valid or same padding) -> [BatchNorm2d] -> activation ->
+[MaxPool2d(2)] -> [Dropout]``, then Flatten (or global average pooling). Head: ``Linear ->
+[BatchNorm1d] -> activation -> [Dropout] -> Linear``.
 Layer order and parameter counts follow Keras (``Conv2D``, ``Dense``, ``BatchNormalization`` with
 its 2 trainable parameters per channel), which the published tables were made with.
 """
@@ -19,6 +20,10 @@ import torch
 from torch import nn
 
 from mnist_lab.errors import ConfigError
+
+#: ``model.activation`` names -> layers (ReLU is the published choice; GELU, Hendrycks & Gimpel 2016;
+#: SiLU, Elfwing et al. 2018).
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU, "silu": lambda: nn.SiLU(inplace=True)}
 
 
 def _check_rate(name: str, p: float) -> float:
@@ -39,7 +44,12 @@ class ConvNet(nn.Module):
         channels: output channels of blocks 1, 2, ...; needs at least ``depth`` entries (extra
             entries are unused, so a preset can be swept to a larger depth).
         pool: per block, whether a 2x2 max-pool follows it; at least ``depth`` entries.
-        kernel_size: conv kernel size in pixels (valid padding, stride 1).
+        kernel_size: conv kernel size in pixels (stride 1).
+        padding: ``"valid"`` (no padding: a k x k conv trims k - 1 px, as published) or ``"same"``.
+        activation: ``"relu"``, ``"gelu"`` or ``"silu"``, after every conv and the hidden dense layer.
+        head: ``"flatten"`` (the feature map, flattened, as published) or ``"gap"`` (global average
+            pooling: one feature per channel of the last block; needs ``depth >= 1``).
+        width: multiplier of every conv's channels and of ``dense_units`` (rounded, at least 1).
         dense_units: width of the hidden dense layer of the head (0 = logits straight from the
             backbone features).
         dropout: dropout rate on the backbone's output features (after the last conv block's
@@ -53,7 +63,8 @@ class ConvNet(nn.Module):
 
     Raises:
         ConfigError: negative depth, too few ``channels``/``pool`` entries, a dropout rate outside
-            [0, 1), or a depth whose feature map shrinks below 1 pixel.
+            [0, 1), a depth whose feature map shrinks below 1 pixel, an unknown padding / activation
+            / head, ``head="gap"`` at depth 0, or a width multiplier <= 0.
     """
 
     def __init__(
@@ -62,6 +73,10 @@ class ConvNet(nn.Module):
         channels: Sequence[int] = (32, 64, 64),
         pool: Sequence[bool] = (True, True, False),
         kernel_size: int = 3,
+        padding: str = "valid",
+        activation: str = "relu",
+        head: str = "flatten",
+        width: float = 1.0,
         dense_units: int = 128,
         dropout: float = 0.0,
         dropout_all_blocks: bool = False,
@@ -84,16 +99,27 @@ class ConvNet(nn.Module):
         if dense_units < 0:
             raise ConfigError(f"model.dense_units={dense_units} must be >= 0 (0 = no hidden layer)")
         dropout, dense_dropout = _check_rate("dropout", dropout), _check_rate("dense_dropout", dense_dropout)
+        for key, value, choices in (("padding", padding, ("valid", "same")), ("activation", activation, ACTIVATIONS),
+                                    ("head", head, ("flatten", "gap"))):
+            if value not in choices:
+                raise ConfigError(f"unknown model.{key}={value!r}; choose one of {', '.join(choices)}")
+        if head == "gap" and depth == 0:
+            raise ConfigError("model.head=gap pools conv features: it needs model.depth >= 1")
+        if not width > 0:
+            raise ConfigError(f"model.width={width} must be > 0 (1 = the preset's widths)")
+        channels = [max(1, round(c * width)) for c in channels]
+        dense_units = max(1, round(dense_units * width)) if dense_units else 0
+        act = ACTIVATIONS[activation]
         self.name = name or f"convnet_d{depth}"
 
         layers: list[nn.Module] = []
         c, size = in_channels, image_size
         for i in range(depth):
-            size = size - kernel_size + 1
-            layers.append(nn.Conv2d(c, channels[i], kernel_size))
+            size = size - kernel_size + 1 if padding == "valid" else size
+            layers.append(nn.Conv2d(c, channels[i], kernel_size, padding=padding))
             if batchnorm:
                 layers.append(nn.BatchNorm2d(channels[i]))
-            layers.append(nn.ReLU(inplace=True))
+            layers.append(act())
             if pool[i]:
                 layers.append(nn.MaxPool2d(2))
                 size //= 2
@@ -103,24 +129,27 @@ class ConvNet(nn.Module):
             if dropout and (dropout_all_blocks or i == depth - 1):
                 layers.append(nn.Dropout(dropout))
             c = channels[i]
+        if head == "gap":
+            layers.append(nn.AdaptiveAvgPool2d(1))
+            size = 1
         layers.append(nn.Flatten())
         if depth == 0 and dropout:
             layers.append(nn.Dropout(dropout))
         self.backbone = nn.Sequential(*layers)
         self.num_features = c * size * size
 
-        head: list[nn.Module] = []
+        dense: list[nn.Module] = []
         features = self.num_features
         if dense_units:
-            head.append(nn.Linear(features, dense_units))
+            dense.append(nn.Linear(features, dense_units))
             if batchnorm:
-                head.append(nn.BatchNorm1d(dense_units))
-            head.append(nn.ReLU(inplace=True))
+                dense.append(nn.BatchNorm1d(dense_units))
+            dense.append(act())
             if dense_dropout:
-                head.append(nn.Dropout(dense_dropout))
+                dense.append(nn.Dropout(dense_dropout))
             features = dense_units
-        head.append(nn.Linear(features, num_classes))
-        self.head = nn.Sequential(*head)
+        dense.append(nn.Linear(features, num_classes))
+        self.head = nn.Sequential(*dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))

@@ -1,0 +1,41 @@
+"""Every architecture family goes through the normal commands: train (killed by SIGTERM, then
+resumed), evaluate and predict; the checkpoint alone rebuilds the network."""
+
+import json
+
+import pytest
+import torch
+from conftest import QUIET, run_module, synthetic_digits
+from PIL import Image
+
+from mnist_lab import Classifier, evaluate_checkpoint, predict_files, to_unit
+from mnist_lab.predict import load_image
+
+SHORT = ["trainer.max_epochs=2", "trainer.limit_train_batches=6", "eval.max_images=50", *QUIET]
+
+
+@pytest.mark.parametrize("preset", ["resnet_20k", "depthwise_3k", "vit_70k"])
+def test_a_family_trains_resumes_evaluates_and_predicts(preset, synthetic_root, tmp_path):
+    run = tmp_path / "run"
+    kill = [f"+callbacks.kill.{k}={v}" for k, v in
+            (("_target_", "probes.SignalAt"), ("epoch", 1), ("batch", 2), ("signal", "SIGTERM"))]
+    proc = run_module("mnist_lab.train", [f"model={preset}", *SHORT, *kill, f"hydra.run.dir={run}"], synthetic_root,
+                      tmp_path)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    proc = run_module("mnist_lab.train", [f"resume={run}"], synthetic_root, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["status"], metrics["model"], metrics["epochs"]) == ("completed", preset, 2)
+
+    ckpt = run / metrics["test_ckpt"]
+    again = evaluate_checkpoint(ckpt, tmp_path / "eval", data_root=synthetic_root, max_images=50, plots=False)
+    assert again["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert set(again["robustness"]) == {"rotation", "translation", "zoom", "noise", "elastic"}
+
+    for i, image in enumerate(synthetic_digits(3, seed=5)[0]):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    model = Classifier.load_from_checkpoint(ckpt).eval()
+    rows = predict_files(model, [tmp_path / f"{i}.png" for i in range(3)])
+    with torch.no_grad():
+        expected = model(to_unit(torch.stack([load_image(tmp_path / f"{i}.png") for i in range(3)]))).argmax(1)
+    assert [r["prediction"] for r in rows] == expected.tolist()
