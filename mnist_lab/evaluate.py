@@ -297,18 +297,67 @@ def evaluate_checkpoint(ckpt_path: str | Path, output_dir: str | Path, data_root
     return {"checkpoint": str(Path(ckpt_path).resolve()), **evaluate_model(model, dm, output_dir, **kwargs)}
 
 
+def evaluate_ensemble(ckpt_paths: list[str | Path], data_root: str | Path | None = None,
+                      max_images: int | None = None) -> dict:
+    """Test accuracy and NLL of each checkpoint and of their ensemble, whose probabilities are the
+    mean of the members' softmax probabilities (e.g. the seeds of one preset).
+
+    Returns:
+        ``{"n_test", "ensemble": {"test/acc", "test/nll"},
+        "members": [{"checkpoint", "model", "test/acc", "test/nll"}, ...]}``.
+
+    Raises:
+        ConfigError: see :func:`load_checkpoint`, or checkpoints trained on different datasets or splits
+            (their test splits differ).
+    """
+    members = [(Path(p), *load_checkpoint(p, data_root=data_root)) for p in ckpt_paths]
+    keys = ("dataset", "split", "fractions", "val_fraction", "split_seed")
+    if len({tuple(str(dm.hparams[k]) for k in keys) for _, _, dm in members}) > 1:
+        raise ConfigError(f"the checkpoints come from different datasets or splits ({', '.join(keys)} differ), so "
+                          "their test splits differ; ensemble checkpoints of one protocol")
+    dm = members[0][2]
+    dm.prepare_data()
+    x, y = _split(dm, "test", max_images)
+    probs = [predict_logits(model, x).softmax(1) for _, model, _ in members]
+    y = y.to(probs[0].device)
+
+    def scores(p: torch.Tensor) -> dict[str, float]:
+        return {"test/acc": float((p.argmax(1) == y).float().mean()), "test/nll": float(F.nll_loss(p.log(), y))}
+
+    return {"n_test": int(y.numel()), "ensemble": scores(torch.stack(probs).mean(0)),
+            "members": [{"checkpoint": str(path), "model": model.name, **scores(p)}
+                        for (path, model, _), p in zip(members, probs)]}
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    """``python -m mnist_lab.evaluate ckpt_path=PATH | run_dir=PATH [output_dir=DIR]``."""
+    """``python -m mnist_lab.evaluate ckpt_path=PATH | run_dir=PATH [output_dir=DIR]``; with a list of
+    checkpoints or run dirs (``ckpt_path=[a.ckpt,b.ckpt]``), their ensemble's test accuracy."""
     try:
         if bool(cfg.ckpt_path) == bool(cfg.run_dir):
-            raise ConfigError("give exactly one of ckpt_path=<file.ckpt> or run_dir=<run dir>")
-        ckpt = RunDir(cfg.run_dir).tested_checkpoint() if cfg.run_dir else Path(cfg.ckpt_path)
-        out = Path(cfg.output_dir) if cfg.output_dir else (Path(cfg.run_dir) if cfg.run_dir else ckpt.parent.parent)
-        result = evaluate_checkpoint(ckpt, out, data_root=cfg.data_root, seed=cfg.seed,
-                                     temperature=cfg.temperature, max_images=cfg.max_images)
+            raise ConfigError("give exactly one of ckpt_path=<file.ckpt> or run_dir=<run dir> (or a list of either)")
+        given = cfg.run_dir or cfg.ckpt_path
+        given = [given] if isinstance(given, str) else list(given)
+        ckpts = [RunDir(r).tested_checkpoint() for r in given] if cfg.run_dir else [Path(p) for p in given]
+        if len(ckpts) > 1:
+            result = evaluate_ensemble(ckpts, data_root=cfg.data_root, max_images=cfg.max_images)
+            if cfg.output_dir:
+                Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+                write_json(Path(cfg.output_dir) / "ensemble.json", result)
+        else:
+            out = Path(cfg.output_dir) if cfg.output_dir else (Path(given[0]) if cfg.run_dir else
+                                                               ckpts[0].parent.parent)
+            result = evaluate_checkpoint(ckpts[0], out, data_root=cfg.data_root, seed=cfg.seed,
+                                         temperature=cfg.temperature, max_images=cfg.max_images)
     except MnistLabError as e:
         exit_with(e)
+    if len(ckpts) > 1:
+        for m in result["members"]:
+            print(f"{m['checkpoint']}  test/acc: {m['test/acc']:.4f}  NLL: {m['test/nll']:.4f}")
+        ens = result["ensemble"]
+        print(f"ensemble of {len(ckpts)} (mean probabilities)  test/acc: {ens['test/acc']:.4f}  "
+              f"NLL: {ens['test/nll']:.4f}")
+        return
     rob = result["robustness"]
     print(f"test/acc: {result['test/acc']:.4f}  ECE: {result['test/ece']:.4f}  NLL: {result['test/nll']:.4f}")
     print("robustness: " + "  ".join(f"{k} {max(v, key=float)}: {v[max(v, key=float)]:.4f}" for k, v in rob.items()))

@@ -255,3 +255,32 @@ def test_predict_classifies_image_files_in_any_form_and_reports_bad_files(synthe
     assert lines["paper_7.png"].split()[1] == "7" and "error: empty file" in lines["empty.png"]
     assert "3 of 23 files could not be classified" in proc.stderr
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 24
+
+
+def test_evaluate_several_checkpoints_reports_each_and_their_ensemble(synthetic_root, tmp_path):
+    runs = []
+    for seed in (0, 1, 2):
+        cfg = load_config(["model=fc", f"data.root={synthetic_root}", "trainer.max_epochs=1", "plots=false",
+                           "trainer.limit_train_batches=3", "eval.full=false", f"seed={seed}", *QUIET])
+        train(cfg, tmp_path / f"seed{seed}")
+        runs.append(tmp_path / f"seed{seed}")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MNIST_LAB_DATA": str(synthetic_root)}
+    proc = subprocess.run([sys.executable, "-m", "mnist_lab.evaluate", f"run_dir=[{','.join(map(str, runs))}]",
+                           f"output_dir={tmp_path / 'ens'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
+    # by hand: the mean of the three models' softmax probabilities on the 100 test images
+    dm = MNISTDataModule(root=synthetic_root)
+    dm.setup()
+    x, y = dm.splits["test"]
+    with torch.no_grad():
+        probs = [Classifier.load_from_checkpoint(r / "checkpoints" / "best.ckpt").eval()(to_unit(x)).softmax(1)
+                 for r in runs]
+    mean = torch.stack(probs).mean(0)
+    assert result["ensemble"]["test/acc"] == pytest.approx(float((mean.argmax(1) == y).float().mean()), abs=1e-6)
+    assert result["ensemble"]["test/nll"] == pytest.approx(float(-mean[torch.arange(100), y].log().mean()), rel=1e-5)
+    for member, run in zip(result["members"], runs):
+        assert member["test/acc"] == pytest.approx(json.loads((run / "metrics.json").read_text())["test/acc"])
+    assert len({m["test/acc"] for m in result["members"]}) > 1  # three different models
+    assert f"ensemble of 3 (mean probabilities)  test/acc: {result['ensemble']['test/acc']:.4f}" in proc.stdout
