@@ -100,18 +100,27 @@ def _save(fig, path: str | Path) -> Path:
 # (mean, std) pairs per metric, "gap" and "curves".
 
 def plot_acc_vs_params(groups: list[dict], path: str | Path, title: str = "",
-                       reference: list[tuple[float, float]] | None = None) -> Path:
+                       reference: list[tuple[float, float]] | None = None, front: list[dict] | None = None) -> Path:
     """``acc_vs_params.png``: mean test accuracy vs trainable parameters (log x), error bars = std
-    over seeds, one labelled point per configuration; ``reference`` ``(params, accuracy)`` points
-    (e.g. published results) are drawn as crosses."""
+    over seeds, one labelled point per configuration, one marker per ``architecture`` (the network's
+    class); ``reference`` ``(params, accuracy)`` points (e.g. published results) are drawn as crosses,
+    and ``front`` (the Pareto-front configurations) as a dashed line."""
     fig, ax = plt.subplots(figsize=(8, 5))
+    markers = dict(zip(dict.fromkeys(g.get("architecture") or "" for g in groups), "osD^vP*hX"))
     for g in groups:
         x, (y, err) = g["params_trainable"][0], g["test/acc"]
-        ax.errorbar(x, y, yerr=err, fmt="o", capsize=3)
+        arch = g.get("architecture") or ""
+        ax.errorbar(x, y, yerr=err, fmt=markers.get(arch, "o"), capsize=3, label=arch or None)
         ax.annotate(f"{g['label']} (n={g['n']})", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    if front and len(front) > 1:
+        ax.plot([g["params_trainable"][0] for g in front], [g["test/acc"][0] for g in front], "k--", lw=1,
+                label="Pareto front")
     if reference:
         ax.plot(*zip(*reference), "kx", ms=8, label="published")
-        ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    if labels:
+        unique = dict(zip(labels, handles))
+        ax.legend(unique.values(), unique.keys(), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("test top-1 accuracy (mean ± std over seeds)")

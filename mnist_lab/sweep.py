@@ -5,13 +5,13 @@ each with Hydra's ``.hydra/overrides.yaml`` and, once the job has ended, our ``m
 (``status: completed``, or ``failed`` / ``diverged`` / ``interrupted`` with the error).
 :func:`write_summary` turns it into
 
-- ``summary.csv`` (written atomically, as ``summary.md``): one row per job: every override as a
-  column, trainable parameters, test and best val metrics, epochs, train seconds, status and error;
-- ``summary.md``: the completed jobs grouped over ``seed`` (mean ± sample std, n), and every job that
-  failed or did not finish, with its error;
-- ``acc_vs_params.png``, ``val_curves.png``, ``train_val_gap.png``, ``robustness.png`` (accuracy vs
-  perturbation strength, one line per configuration) and, for a grid of exactly two factors,
-  ``heatmap.png``.
+- ``summary.csv`` (written atomically, as ``summary.md``): one row per job: the network's class, every
+  override as a column, trainable parameters, test and best val metrics, epochs, train seconds, status and error;
+- ``summary.md``: the completed jobs grouped over ``seed`` (mean ± sample std, n), the Pareto front
+  (accuracy against trainable parameters), and every job that failed or did not finish, with its error;
+- ``acc_vs_params.png`` (one marker per architecture, the Pareto front drawn), ``val_curves.png``,
+  ``train_val_gap.png``, ``robustness.png`` (accuracy vs perturbation strength, one line per
+  configuration) and, for a grid of exactly two factors, ``heatmap.png``.
 
 It runs automatically when a multirun ends (:class:`SweepSummary`, a Hydra callback) and by hand
 with ``python scripts/summarize_sweep.py SWEEP_DIR`` (also on a partly failed or unfinished sweep).
@@ -81,6 +81,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         rows.append({
             "job": str(job.relative_to(sweep_dir)),
             "status": metrics.get("status", "unknown"),
+            "architecture": metrics.get("architecture"),
             "factors": factors,
             **{k: metrics.get(k) for k in METRICS},
             "error": metrics.get("error", "" if metrics.get("status") != "incomplete"
@@ -127,7 +128,7 @@ def aggregate(rows: list[dict], group_out: str = "seed") -> list[dict]:
     for key, members in groups.items():
         factors = dict(key)
         label = config_label({k: v for k, v in factors.items() if k in varying})
-        entry = {"label": label, "factors": factors, "n": len(members)}
+        entry = {"label": label, "factors": factors, "n": len(members), "architecture": members[0]["architecture"]}
         for metric in METRICS:
             values = [m[metric] for m in members if m[metric] is not None]
             entry[metric] = mean_std(values) if values else (math.nan, math.nan)
@@ -152,6 +153,17 @@ def aggregate(rows: list[dict], group_out: str = "seed") -> list[dict]:
     return out
 
 
+def pareto_front(groups: list[dict], metric: str = "test/acc") -> list[dict]:
+    """The configurations no other beats with fewer or as many trainable parameters: sorted by
+    parameters, each more accurate (mean ``metric``) than every smaller one."""
+    front, best = [], -math.inf
+    for g in sorted(groups, key=lambda g: (g["params_trainable"][0], -g[metric][0])):
+        if g[metric][0] > best:
+            front.append(g)
+            best = g[metric][0]
+    return front
+
+
 def _fmt(pair: tuple[float, float], digits: int = 4) -> str:
     mean, std = pair
     return "–" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
@@ -174,9 +186,10 @@ def write_summary(sweep_dir: str | Path) -> dict:
     files = [sweep_dir / "summary.csv", sweep_dir / "summary.md"]
     table = io.StringIO()
     writer = csv.writer(table)
-    writer.writerow(["job", "status", *factor_keys, *METRICS, "error"])
+    writer.writerow(["job", "status", "architecture", *factor_keys, *METRICS, "error"])
     for r in rows:
-        writer.writerow([r["job"], r["status"], *(r["factors"].get(k, "") for k in factor_keys),
+        writer.writerow([r["job"], r["status"], r["architecture"] or "",
+                         *(r["factors"].get(k, "") for k in factor_keys),
                          *("" if r[k] is None else r[k] for k in METRICS), r["error"]])
     write_text_atomic(files[0], table.getvalue())
 
@@ -201,6 +214,11 @@ def write_summary(sweep_dir: str | Path) -> dict:
                      f"{_fmt(g['best_val/acc'])} | {_fmt(g['robustness/mean'])} | {params:,.0f} | "
                      f"{g['epochs'][0]:.1f} | "
                      f"{g['train_seconds'][0]:.1f} |")
+    front = pareto_front(groups)
+    if len(groups) > 1 and front:
+        lines += ["", "Pareto front (no configuration is more accurate with as few trainable parameters): "
+                  + "; ".join(f"{g['label']} ({g['params_trainable'][0]:,.0f} params, {_fmt(g['test/acc'])})"
+                              for g in front) + "."]
     if failed:
         lines += ["", "## Jobs that did not complete", "", "| job | status | error |", "| --- | --- | --- |"]
         lines += [f"| {r['job']} | {r['status']} | {r['error'].replace('|', '/').splitlines()[0]} |"
@@ -209,7 +227,7 @@ def write_summary(sweep_dir: str | Path) -> dict:
 
     if groups:
         title = sweep_dir.name
-        files.append(plot_acc_vs_params(groups, sweep_dir / "acc_vs_params.png", title=title))
+        files.append(plot_acc_vs_params(groups, sweep_dir / "acc_vs_params.png", title=title, front=front))
         files.append(plot_val_curves(groups, sweep_dir / "val_curves.png", title=title))
         files.append(plot_train_val_gap(groups, sweep_dir / "train_val_gap.png", title=title))
         robust = {g["label"]: g["robustness"] for g in groups if g["robustness"]}

@@ -209,6 +209,7 @@ def _fit_and_report(cfg: DictConfig, run: RunDir, ckpt_path: Path | None, rank0:
     metrics = {
         "status": "completed",
         "model": module.name,
+        "architecture": type(module.net).__name__,
         **{k: result[k] for k in TEST_KEYS},
         **{k: result[k] for k in ("test/ece", "test/nll", "temperature", "test/ece_scaled", "test/nll_scaled")
            if k in result},

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mnist_lab.sweep import METRICS, aggregate, mean_std, write_summary
+from mnist_lab.sweep import METRICS, aggregate, mean_std, pareto_front, write_summary
 
 FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3"]
 
@@ -42,6 +42,8 @@ def test_a_2x2_grid_gives_4_named_job_dirs_a_summary_and_plots(synthetic_root, t
         assert (sweep / png).stat().st_size > 10_000
     md = (sweep / "summary.md").read_text()
     assert "4 jobs: 4 completed, 0 failed" in md and "| batchnorm=true, depth=2 | 1 |" in md
+    assert "Pareto front (no configuration is more accurate with as few trainable parameters): " in md
+    assert {r["architecture"] for r in read_csv(sweep / "summary.csv")} == {"ConvNet"}
     assert f"summary: {sweep / 'summary.md'} (4 jobs)" in proc.stdout
 
 
@@ -134,3 +136,25 @@ def test_launcher_configs_compose_with_their_hydra_plugins(launcher, target):
         assert cfg.hydra.launcher.n_jobs * cfg.threads <= 2  # fits the 2-core machines this runs on
     else:
         assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.timeout_min == 60
+
+
+def test_the_pareto_front_keeps_each_configuration_no_smaller_one_beats():
+    def group(label, params, acc):
+        return {"label": label, "params_trainable": (params, 0.0), "test/acc": (acc, 0.01)}
+
+    groups = [group("a", 100, 0.90), group("b", 200, 0.95), group("c", 150, 0.89), group("d", 300, 0.94),
+              group("e", 400, 0.97), group("f", 100, 0.91)]
+    assert [g["label"] for g in pareto_front(groups)] == ["f", "b", "e"]  # a ties f's size and is worse
+
+
+def test_the_frontier_sweep_runs_families_side_by_side(synthetic_root, tmp_path):
+    """+sweep=frontier narrowed on the command line to two families, one seed, a few steps."""
+    sweep = tmp_path / "sweep"
+    proc = multirun(["+sweep=frontier", "model=fc,depthwise_3k", "seed=0", *FAST], synthetic_root, sweep, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["model"]: r for r in read_csv(sweep / "summary.csv")}
+    assert {k: (v["architecture"], v["params_trainable"]) for k, v in rows.items()} == {
+        "fc": ("ConvNet", "101770"), "depthwise_3k": ("DepthwiseNet", "2858")}
+    metrics = json.loads(next(sweep.glob("model=fc*/metrics.json")).read_text())
+    assert (metrics["split"], metrics["batch_size"], metrics["n_test"]) == ("official", 128, 100)
+    assert "Pareto front" in (sweep / "summary.md").read_text()
