@@ -128,7 +128,7 @@ def aggregate(rows: list[dict], group_out: str = "seed") -> list[dict]:
     for key, members in groups.items():
         factors = dict(key)
         label = config_label({k: v for k, v in factors.items() if k in varying})
-        entry = {"label": label, "factors": factors, "n": len(members), "architecture": members[0]["architecture"]}
+        entry = {"label": label, "factors": factors, "n": len(members), "architecture": members[0].get("architecture")}
         for metric in METRICS:
             values = [m[metric] for m in members if m[metric] is not None]
             entry[metric] = mean_std(values) if values else (math.nan, math.nan)
@@ -188,7 +188,7 @@ def write_summary(sweep_dir: str | Path) -> dict:
     writer = csv.writer(table)
     writer.writerow(["job", "status", "architecture", *factor_keys, *METRICS, "error"])
     for r in rows:
-        writer.writerow([r["job"], r["status"], r["architecture"] or "",
+        writer.writerow([r["job"], r["status"], r.get("architecture") or "",
                          *(r["factors"].get(k, "") for k in factor_keys),
                          *("" if r[k] is None else r[k] for k in METRICS), r["error"]])
     write_text_atomic(files[0], table.getvalue())
