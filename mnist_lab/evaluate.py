@@ -224,8 +224,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 
 
 def evaluate_model(model: torch.nn.Module, datamodule: MNISTDataModule, output_dir: str | Path | None = None,
-             full: bool = True, seed: int = 0, temperature: bool = True, max_images: int | None = None,
-             plots: bool = True) -> dict:
+                   full: bool = True, seed: int = 0, temperature: bool = True, max_images: int | None = None,
+                   plots: bool = True) -> dict:
     """Test metrics of a model on its datamodule's test split, and with ``full`` the whole suite.
 
     Args:
