@@ -7,8 +7,12 @@ import pytest
 import torch
 from conftest import QUIET, run_module, synthetic_digits
 from PIL import Image
+from test_models import FAMILIES
+from torch import nn
 
-from mnist_lab import Classifier, evaluate_checkpoint, predict_files, to_unit
+from mnist_lab import Classifier, evaluate_checkpoint, load_config, predict_files, to_unit
+from mnist_lab.config import build
+from mnist_lab.models import count_parameters
 from mnist_lab.predict import load_image
 
 SHORT = ["trainer.max_epochs=2", "trainer.limit_train_batches=6", "eval.max_images=50", *QUIET]
@@ -39,3 +43,17 @@ def test_a_family_trains_resumes_evaluates_and_predicts(preset, synthetic_root, 
     with torch.no_grad():
         expected = model(to_unit(torch.stack([load_image(tmp_path / f"{i}.png") for i in range(3)]))).argmax(1)
     assert [r["prediction"] for r in rows] == expected.tolist()
+
+
+@pytest.mark.parametrize(("experiment", "preset", "budget", "epochs"),
+                         [("best", "resnet_220k", 250_000, 30), ("tiny", "depthwise_5k", 5_000, 40)])
+def test_record_experiments_keep_their_parameter_budget_and_protocol(experiment, preset, budget, epochs):
+    """The records' rules (issue 11): official split and test set, trainable parameters within the
+    budget, a fixed number of epochs (no early stopping on anything) and the tested checkpoint chosen
+    on val/loss, never on the test set."""
+    cfg = load_config([f"+experiment={experiment}"])
+    model = build(cfg.model, "model", base=nn.Module)
+    assert (model.name, count_parameters(model)) == (preset, FAMILIES[preset]) and FAMILIES[preset] <= budget
+    assert (cfg.data.split, cfg.data.augment, cfg.trainer.max_epochs) == ("official", True, epochs)
+    assert cfg.callbacks.early_stopping is None and cfg.test_ckpt == "best"
+    assert cfg.callbacks.best_checkpoint.monitor == "val/loss"

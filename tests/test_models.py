@@ -15,10 +15,12 @@ PUBLISHED = {"fc": 101_770, "conv1": 693_962, "conv2": 225_034, "conv2_bn": 225_
 # the other families' presets (README table); by hand for resnet_20k: stem 9*8 = 72; stage 1 (8 -> 8):
 # 2 BN (2*8 each) + 2 convs (9*8*8 each) = 1,184; stage 2 (8 -> 16, stride 2): BN 16 + conv 1,152 + BN 32
 # + conv 2,304 + 1x1 projection 128 = 3,632; stage 3 (16 -> 32): 32 + 4,608 + 64 + 9,216 + 512 = 14,432;
-# head BN 64 + Linear 330 = 394; total 19,714
-FAMILIES = {"resnet_20k": 19_714, "resnet_80k": 77_562, "resnet_270k": 271_994, "depthwise_3k": 2_858,
-            "depthwise_9k": 9_034, "depthwise_32k": 31_946, "vit_70k": 72_074, "vit_140k": 139_018,
-            "vit_300k": 306_826}
+# head BN 64 + Linear 330 = 394; total 19,714. By hand for depthwise_5k (the tiny record): stem 9*8 + BN 16
+# = 88; a block c_in -> c_out costs 9 c_in + 2 c_in (BN) + c_in c_out + 2 c_out (BN): 8->16 248, 16->24 608,
+# 24->32 1,096, 32->48 1,984; Linear 48*10 + 10 = 490; total 4,514
+FAMILIES = {"resnet_20k": 19_714, "resnet_80k": 77_562, "resnet_220k": 222_250, "resnet_270k": 271_994,
+            "depthwise_3k": 2_858, "depthwise_5k": 4_514, "depthwise_9k": 9_034, "depthwise_32k": 31_946,
+            "vit_70k": 72_074, "vit_140k": 139_018, "vit_300k": 306_826}
 BASES = {"convnet": 225_034, "resnet": 77_562, "depthwise": 9_034, "vit": 139_018}
 
 
