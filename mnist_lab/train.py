@@ -200,6 +200,7 @@ def _fit_and_report(cfg: DictConfig, run: RunDir, ckpt_path: Path | None, rank0:
     tested = callbacks[f"{cfg.test_ckpt}_checkpoint"].best_model_path  # "" if no epoch completed
     if tested:  # the weights of the tested checkpoint, into the in-memory model
         module.load_state_dict(read_checkpoint(tested)["state_dict"])
+    module.to(trainer.strategy.root_device)  # fit's teardown left it on the CPU: evaluate where it trained
     result = evaluate_model(module, datamodule, run.path, full=cfg.eval.full, seed=cfg.eval.seed, plots=cfg.plots,
                             temperature=cfg.eval.temperature, max_images=cfg.eval.max_images)
     history = read_epoch_metrics(run.history)
