@@ -219,6 +219,12 @@ def write_summary(sweep_dir: str | Path) -> dict:
         lines += ["", "Pareto front (no configuration is more accurate with as few trainable parameters): "
                   + "; ".join(f"{g['label']} ({g['params_trainable'][0]:,.0f} params, {_fmt(g['test/acc'])})"
                               for g in front) + "."]
+    optuna = sweep_dir / "optimization_results.yaml"  # written by hydra-optuna-sweeper before this runs
+    if optuna.is_file():
+        best = OmegaConf.load(optuna)
+        if "best_params" in best:
+            lines += ["", f"Optuna's best trial (objective: best val acc = {best.best_value:.4f}): "
+                      + ", ".join(f"{k}={v}" for k, v in best.best_params.items()) + "."]
     if failed:
         lines += ["", "## Jobs that did not complete", "", "| job | status | error |", "| --- | --- | --- |"]
         lines += [f"| {r['job']} | {r['status']} | {r['error'].replace('|', '/').splitlines()[0]} |"

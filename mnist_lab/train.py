@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.accelerators import CUDAAccelerator, MPSAccelerator
 from lightning.pytorch.callbacks import ProgressBar, Timer
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -42,6 +42,8 @@ from mnist_lab.rundir import RunDir, check_writable, read_checkpoint, write_text
 TEST_KEYS = ("test/acc", "test/loss", "test/precision_macro", "test/recall_macro", "test/f1_macro")
 #: Callbacks every run needs (``conf/callbacks/default.yaml``): the checkpoints test_ckpt and resume= use, the timer
 #: behind train_seconds, and the state an exact resume needs.
+#: what main() returns to a sweeper: selection on the validation split, never on the test set
+OBJECTIVE = "best_val/acc"
 REQUIRED_CALLBACKS = ("best_checkpoint", "last_checkpoint", "timer", "resume_state")
 
 
@@ -50,7 +52,7 @@ def check_config(cfg: DictConfig) -> None:
 
     Raises:
         ConfigError: ``seed`` or ``threads`` not an integer, ``test_ckpt`` not best/last, a required
-            callback set to null, or ``trainer.accelerator=gpu`` on a machine without a GPU.
+            callback or the csv logger set to null, or ``trainer.accelerator=gpu`` on a machine without a GPU.
     """
     for key, value in (("seed", cfg.seed), ("threads", cfg.get("threads"))):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
@@ -60,6 +62,9 @@ def check_config(cfg: DictConfig) -> None:
     missing = [name for name in REQUIRED_CALLBACKS if not cfg.callbacks.get(name)]
     if missing:
         raise ConfigError(f"callbacks.{missing[0]} is needed by every run; do not set it to null")
+    if not (cfg.get("logger") or {}).get("csv"):
+        raise ConfigError("logger.csv is needed by every run (metrics.csv is the run's history); keep it and add "
+                          "others beside it, e.g. logger=[csv,tensorboard]")
     accelerator = str(cfg.trainer.get("accelerator"))
     if accelerator in ("gpu", "cuda") and not (CUDAAccelerator.is_available() or MPSAccelerator.is_available()):
         raise ConfigError(f"trainer.accelerator={accelerator}, but torch finds no GPU on this machine; use "
@@ -175,9 +180,10 @@ def _fit_and_report(cfg: DictConfig, run: RunDir, ckpt_path: Path | None, rank0:
                  if node is not None}
     if not cfg.trainer.enable_progress_bar:  # Lightning refuses a progress-bar callback then
         callbacks = {name: c for name, c in callbacks.items() if not isinstance(c, ProgressBar)}
-    logger = CSVLogger(save_dir=str(run.path), name="", version="")
+    loggers = {name: build(node, f"logger.{name}", base=Logger) for name, node in cfg.logger.items()
+               if node is not None}
     trainer = build(cfg.trainer, "trainer", base=L.Trainer, callbacks=[*callbacks.values(), *more_callbacks],
-                    logger=logger)
+                    logger=list(loggers.values()))
     if rank0:  # downloads happen on rank 0 only (Lightning's contract); the data is read and checked now,
         datamodule.prepare_data()  # before training starts
     datamodule.setup("fit")
@@ -185,7 +191,7 @@ def _fit_and_report(cfg: DictConfig, run: RunDir, ckpt_path: Path | None, rank0:
         x, y = datamodule.splits["train"]
         plot_samples(x[:25], y[:25], run.path / "samples.png", title="first 25 training digits")
     if rank0 and ckpt_path is not None:
-        restore_history(logger, run, up_to_epoch=int(read_checkpoint(ckpt_path)["epoch"]))
+        restore_history(loggers["csv"], run, up_to_epoch=int(read_checkpoint(ckpt_path)["epoch"]))
     with warnings.catch_warnings():
         # CSVLogger warns that the run dir is not empty (we wrote config.yaml); it replaces only
         # metrics.csv. The logging-interval warning is about per-step logs, and we log per epoch.
@@ -237,6 +243,11 @@ def _fit_and_report(cfg: DictConfig, run: RunDir, ckpt_path: Path | None, rank0:
         "run_dir": str(run.path),
     }
     run.write_metrics(metrics)
+    for logger in loggers.values():  # TensorBoard's HPARAMS tab: the run's settings against its results
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams({**OmegaConf.to_container(cfg.module, resolve=True), "data": datamodule.hparams,
+                                    "seed": cfg.seed, "epochs": epochs},
+                                   {f"hparams/{k}": metrics[k] for k in ("best_val/acc", "test/acc") if k in metrics})
     if cfg.plots:
         plot_curves(run.history, run.path / "curves.png", title=module.name)
     print(f"run dir: {run.path}")
@@ -271,6 +282,9 @@ def main(cfg: DictConfig) -> float | None:
     """``python -m mnist_lab.train [overrides]``: train one run, or one job of a ``-m`` sweep;
     ``python -m mnist_lab.train resume=RUN_DIR`` continues a killed or interrupted run.
 
+    Returns the run's best validation accuracy (``OBJECTIVE``, what a sweeper such as Optuna
+    maximises; never a test metric), or None for a failed job of a sweep.
+
     A run stopped by bad input prints one line and exits with the error's code (2: config or data,
     3: diverged; 130/143: SIGINT/SIGTERM). In a sweep, a failed job is recorded in its
     ``metrics.json`` and the sweep goes on; the summary lists it. Ctrl-C stops the whole sweep.
@@ -287,8 +301,8 @@ def main(cfg: DictConfig) -> float | None:
             if others:
                 raise ConfigError(f"resume={cfg.resume} continues the run with its own config.yaml; drop the "
                                   f"other overrides ({' '.join(others)}), or start a new run with them")
-            return resume(out).get("test/acc")
-        return train(cfg, out).get("test/acc")
+            return resume(out).get(OBJECTIVE)
+        return train(cfg, out).get(OBJECTIVE)
     except RunInterrupted as e:  # also in a sweep: Ctrl-C stops the sweep
         exit_with(e)
     except Exception as e:
