@@ -1,4 +1,8 @@
-"""Report plots (matplotlib, written as PNG files; no display needed)."""
+"""Report plots (matplotlib, written as PNG files; no display needed).
+
+Figures are made with ``matplotlib.figure.Figure``, not pyplot: no backend is chosen or needed, so
+importing mnist_lab leaves a notebook's inline plots (and any GUI backend) as they were.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,9 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def read_epoch_metrics(metrics_csv: str | Path) -> dict[str, dict[int, float]]:
@@ -32,7 +33,8 @@ def read_epoch_metrics(metrics_csv: str | Path) -> dict[str, dict[int, float]]:
 def plot_curves(metrics_csv: str | Path, path: str | Path, title: str = "") -> Path:
     """``curves.png``: train and val loss (left) and top-1 accuracy (right) per epoch."""
     series = read_epoch_metrics(metrics_csv)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = Figure(figsize=(10, 3.8))
+    axes = fig.subplots(1, 2)
     for ax, metric in zip(axes, ("loss", "acc"), strict=False):
         for split, style in (("train", "o-"), ("val", "s--")):
             values = series.get(f"{split}/{metric}", {})
@@ -55,7 +57,8 @@ def plot_confusion_matrix(confusion: torch.Tensor, path: str | Path, title: str 
     cm = confusion.detach().cpu().to(torch.int64)
     rate = cm.double() / cm.sum(1, keepdim=True).clamp_min(1)
     c = cm.shape[0]
-    fig, ax = plt.subplots(figsize=(6.4, 5.6))
+    fig = Figure(figsize=(6.4, 5.6))
+    ax = fig.subplots()
     im = ax.imshow(rate.numpy(), cmap="Blues", vmin=0, vmax=1)
     for i in range(c):
         for j in range(c):
@@ -77,7 +80,8 @@ def plot_samples(images: torch.Tensor, labels: torch.Tensor, path: str | Path, t
     n = images.shape[0]
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.45 * rows), squeeze=False)
+    fig = Figure(figsize=(1.3 * cols, 1.45 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < n:
@@ -91,7 +95,6 @@ def plot_samples(images: torch.Tensor, labels: torch.Tensor, path: str | Path, t
 def _save(fig, path: str | Path) -> Path:
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
@@ -105,7 +108,8 @@ def plot_acc_vs_params(groups: list[dict], path: str | Path, title: str = "",
     over seeds, one labelled point per configuration, one marker per ``architecture`` (the network's
     class); ``reference`` ``(params, accuracy)`` points (e.g. published results) are drawn as crosses,
     and ``front`` (the Pareto-front configurations) as a dashed line."""
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5))
+    ax = fig.subplots()
     markers = dict(zip(dict.fromkeys(g.get("architecture") or "" for g in groups), "osD^vP*hX"))
     for g in groups:
         x, (y, err) = g["params_trainable"][0], g["test/acc"]
@@ -133,7 +137,8 @@ def plot_acc_vs_params(groups: list[dict], path: str | Path, title: str = "",
 def plot_val_curves(groups: list[dict], path: str | Path, title: str = "") -> Path:
     """``val_curves.png``: val accuracy (left) and val loss (right) per epoch, mean over seeds,
     one line per configuration."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
     for g in groups:
         for ax, metric in zip(axes, ("val/acc", "val/loss")):
             curve = g["curves"].get(metric, {})
@@ -153,7 +158,8 @@ def plot_val_curves(groups: list[dict], path: str | Path, title: str = "") -> Pa
 def plot_train_val_gap(groups: list[dict], path: str | Path, title: str = "") -> Path:
     """``train_val_gap.png``: last-epoch train accuracy minus val accuracy per configuration
     (train accuracy is measured in train mode, i.e. with dropout and augmentation on)."""
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(groups) + 1.5))
+    fig = Figure(figsize=(8, 0.45 * len(groups) + 1.5))
+    ax = fig.subplots()
     labels = [g["label"] for g in groups]
     ax.barh(range(len(groups)), [g["gap"][0] for g in groups], xerr=[g["gap"][1] for g in groups], capsize=3)
     ax.set_yticks(range(len(groups)), labels, fontsize=8)
@@ -174,7 +180,8 @@ def plot_heatmap(groups: list[dict], key_x: str, key_y: str, path: str | Path, t
     for g in groups:
         if key_x in g["factors"] and key_y in g["factors"]:
             grid[ys.index(g["factors"][key_y]), xs.index(g["factors"][key_x])] = g["test/acc"][0]
-    fig, ax = plt.subplots(figsize=(1.4 * len(xs) + 2.5, 1.0 * len(ys) + 1.8))
+    fig = Figure(figsize=(1.4 * len(xs) + 2.5, 1.0 * len(ys) + 1.8))
+    ax = fig.subplots()
     im = ax.imshow(grid.numpy(), cmap="viridis")
     for i in range(len(ys)):
         for j in range(len(xs)):
@@ -197,7 +204,8 @@ def plot_robustness(results: dict[str, dict[str, dict[str, float]]], path: str |
     kinds = list(next(iter(results.values())))
     units = {"rotation": "degrees", "translation": "pixels", "zoom": "scale factor", "noise": "noise std",
              "elastic": "alpha (px)"}
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.3 * len(kinds), 3.4), sharey=True, squeeze=False)
+    fig = Figure(figsize=(3.3 * len(kinds), 3.4))
+    axes = fig.subplots(1, len(kinds), sharey=True, squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         for label, res in results.items():
             if kind in res:
@@ -216,7 +224,8 @@ def plot_robustness(results: dict[str, dict[str, dict[str, float]]], path: str |
 def plot_reliability(bins: list[dict], path: str | Path, title: str = "") -> Path:
     """``calibration.png``: reliability diagram (accuracy vs mean confidence per confidence bin,
     bar width = bin) and the share of images per bin."""
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(5.2, 6), height_ratios=[3, 1], sharex=True)
+    fig = Figure(figsize=(5.2, 6))
+    (ax, ax2) = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
     full = [b for b in bins if b["count"]]
     width = bins[0]["upper"] - bins[0]["lower"]
     ax.bar([b["lower"] for b in full], [b["accuracy"] for b in full], width=width, align="edge",
@@ -242,7 +251,8 @@ def plot_gallery(images: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor
     n = max(int(images.shape[0]), 1)
     cols = min(n, 5)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.3 * rows), squeeze=False)
+    fig = Figure(figsize=(2.0 * cols, 2.3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < images.shape[0]:
