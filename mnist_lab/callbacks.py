@@ -91,23 +91,24 @@ class DivergenceGuard(L.Callback):
             raise ValueError(f"check_every_n_steps={check_every_n_steps!r} must be a positive integer")
         self.every, self.max_loss = check_every_n_steps, max_loss
         self._bad: torch.Tensor | None = None  # any bad loss since the last check (a flag on the device)
-        self._loss: torch.Tensor | None = None  # the last loss seen
+        self._loss: torch.Tensor | None = None  # the last loss (losses, with steps_per_execution > 1) seen
+        self._checked_at = 0  # global step of the last check
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        self._loss = loss.detach()
-        if self.every == 1:  # one float read per step: a few microseconds on a CPU
-            value = float(self._loss)
-            if not math.isfinite(value) or (self.max_loss is not None and value > self.max_loss):
+        self._loss = loss.detach()  # (), or (K,) for K mini-batch steps in one training step
+        if self.every == 1:  # one read per step: a few microseconds on a CPU
+            values = self._loss.flatten().tolist()
+            if any(not math.isfinite(v) or (self.max_loss is not None and v > self.max_loss) for v in values):
                 self._raise(trainer)
             return
         bad = ~torch.isfinite(self._loss).all()  # on the device, read at the next check
         if self.max_loss is not None:
             bad = bad | (self._loss > self.max_loss).any()
         self._bad = bad if self._bad is None else self._bad | bad
-        if trainer.global_step % self.every == 0:
+        if trainer.global_step - self._checked_at >= self.every:
             self._check(trainer)
 
     def on_validation_start(self, trainer, pl_module) -> None:
@@ -117,7 +118,7 @@ class DivergenceGuard(L.Callback):
         self._check(trainer)
 
     def _check(self, trainer: L.Trainer) -> None:
-        bad, self._bad = self._bad, None
+        bad, self._bad, self._checked_at = self._bad, None, trainer.global_step
         if bad is not None and bool(bad):
             self._raise(trainer)
 
@@ -131,10 +132,15 @@ class DivergenceGuard(L.Callback):
         kept = (f"checkpoints/{saved} keeps the last good epoch" if saved
                 else "no epoch had completed, so no checkpoint was written")
         raise TrainingDiverged(
-            f"training diverged: the training loss became {float(self._loss):.4g} ({limit}) in epoch "
+            f"training diverged: the training loss became {self._worst():.4g} ({limit}) in epoch "
             f"{trainer.current_epoch}, {where}, at learning rate {lr:g}. Training stopped; {kept}. "
             "Lower optimizer.lr (e.g. by 10x), or clip gradients with trainer.gradient_clip_val=1.0.",
             epoch=trainer.current_epoch, step=trainer.global_step, lr=lr)
+
+
+    def _worst(self) -> float:
+        values = self._loss.flatten().tolist()
+        return next((v for v in values if not math.isfinite(v)), max(values))
 
 
 class RunDirGuard(HydraCallback):

@@ -140,18 +140,41 @@ class InMemoryBatches:
         labels: int64 ``(N,)``.
         sampler: yields index batches (see :class:`BatchIndexSampler`).
         augment: batch augmentation ``(float batch, generator) -> float batch``, or ``None``.
+        group: yield lists of ``group`` consecutive batches (the last one shorter when the batches do
+            not divide evenly): one Lightning step for ``steps_per_execution`` mini-batches. The
+            batches, their order and their augmentation are the same for every ``group``.
     """
 
     #: DataLoader's attribute names: Lightning finds ``sampler.set_epoch`` through them.
     batch_sampler = None
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: BatchIndexSampler, augment=None):
-        self.images, self.labels, self.sampler, self.augment = images, labels, sampler, augment
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: BatchIndexSampler, augment=None,
+                 group: int = 1):
+        self.images, self.labels, self.sampler, self.augment, self.group = images, labels, sampler, augment, group
 
-    def __len__(self) -> int:
+    @property
+    def minibatches(self) -> int:
+        """Batches of ``batch_size`` per pass (``len`` counts groups of them)."""
         return len(self.sampler)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.group)
+
+    def __iter__(self) -> Iterator:
+        batches = self._batches()
+        if self.group == 1:
+            yield from batches
+            return
+        group = []
+        for batch in batches:
+            group.append(batch)
+            if len(group) == self.group:
+                yield group
+                group = []
+        if group:
+            yield group
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.images.device
         # augmentation randomness: its own generator, reseeded per epoch and rank, so runs repeat
         # and ranks draw independent augmentations
@@ -188,6 +211,9 @@ class MNISTDataModule(L.LightningDataModule):
         drop_last: drop the last, incomplete training batch.
         on_device: keep the splits on the trainer's device (GPU-resident data); ``False`` keeps
             them on the CPU and Lightning moves each batch.
+        steps_per_execution: training batches per Lightning step: ``K > 1`` yields lists of ``K``
+            batches (see :class:`InMemoryBatches`), which a Classifier with the same
+            ``steps_per_execution`` trains one optimizer step each.
 
     Raises:
         ConfigError: any argument out of range (checked here, before any data is read).
@@ -210,6 +236,7 @@ class MNISTDataModule(L.LightningDataModule):
         download: bool = True,
         drop_last: bool = False,
         on_device: bool = True,
+        steps_per_execution: int = 1,
     ):
         super().__init__()
         if dataset not in DATASETS:
@@ -226,7 +253,8 @@ class MNISTDataModule(L.LightningDataModule):
             raise ConfigError("data.fractions gives the train split 0; give it a positive fraction")
         if not 0 < val_fraction < 1:
             raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 1), e.g. 0.1")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size),
+                            ("steps_per_execution", steps_per_execution)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"data.{name}={value!r} must be a positive integer")
         if not isinstance(augment, bool):
@@ -345,7 +373,8 @@ class MNISTDataModule(L.LightningDataModule):
         # the shuffling seed follows the training seed (lightning.seed_everything / torch.manual_seed)
         sampler = BatchIndexSampler(len(y), bs, shuffle=train, drop_last=train and self.hparams.drop_last,
                                     seed=torch.initial_seed() % 2**31, rank=rank, world_size=world, device=x.device)
-        return InMemoryBatches(x, y, sampler, self.augmenter if train else None)
+        return InMemoryBatches(x, y, sampler, self.augmenter if train else None,
+                               group=self.hparams.steps_per_execution if train else 1)
 
     def train_dataloader(self) -> InMemoryBatches:
         return self._batches("train", train=True)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
 from mnist_lab.config import build
@@ -80,6 +80,14 @@ class Classifier(L.LightningModule):
         log_train_steps: also log the batch loss as ``train/loss_step``; Lightning writes it every
             ``trainer.log_every_n_steps`` steps. Off by default: ``self.log`` on every step costs a
             third of an ``fc`` step on a 2-core CPU.
+        steps_per_execution: mini-batches per Lightning training step (Keras's name). With ``K > 1``
+            the datamodule yields groups of ``K`` batches and :meth:`training_step` runs them with
+            manual optimisation, one optimizer step each, exactly as ``K`` steps of automatic
+            optimisation would: zero_grad, backward (through the precision plugin: bf16 autocast, the
+            fp16 scaler), gradient clipping (``gradient_clip``), optimizer step, then a per-step LR
+            scheduler; per-epoch schedulers after the epoch's last batch (ReduceLROnPlateau after
+            validation). ``global_step`` counts mini-batch steps. Lightning's per-step work
+            (hooks, loop bookkeeping) is then paid once per ``K`` mini-batches.
 
     Raises:
         ConfigError: a ``_target_`` that is not an ``nn.Module`` / optimizer / scheduler class (a config
@@ -96,6 +104,7 @@ class Classifier(L.LightningModule):
         compile: bool = False,
         compile_mode: str = "default",
         log_train_steps: bool = False,
+        steps_per_execution: int = 1,
     ):
         super().__init__()
         net, optimizer, scheduler = _plain(net), _plain(optimizer), _plain(scheduler)
@@ -109,15 +118,22 @@ class Classifier(L.LightningModule):
             optimizer = build(optimizer, "optimizer", base=torch.optim.Optimizer)
         if scheduler is not None and isinstance(scheduler.get("scheduler"), Mapping):
             scheduler = {**scheduler, "scheduler": build(scheduler["scheduler"], "scheduler", base=SCHEDULERS)}
+        if not isinstance(steps_per_execution, int) or isinstance(steps_per_execution, bool) or steps_per_execution < 1:
+            raise ConfigError(f"steps_per_execution={steps_per_execution!r} must be a positive integer, e.g. 8")
+        self.automatic_optimization = steps_per_execution == 1
+        #: (value, "norm" | "value") for steps_per_execution > 1, which Lightning's own clipping does not
+        #: serve; mnist_lab.train moves trainer.gradient_clip_val here
+        self.gradient_clip: tuple[float, str] | None = None
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.scheduler_config = scheduler
         self.register_buffer("mean", torch.tensor(0.0))
         self.register_buffer("std", torch.tensor(1.0))
         # a compiled bound method is a plain function: not a submodule, so no extra state_dict keys
         self._compiled_forward = torch.compile(self.net.forward, mode=compile_mode) if compile else None
-        # training metrics see every step: skip torchmetrics' input validation and NaN check (host syncs)
-        self.train_loss = MeanMetric(nan_strategy="disable")
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro", validate_args=False)
+        # the training loss and top-1 accuracy of an epoch: three running sums on the device (loss x images,
+        # correct, images), one in-place add per step; a torchmetrics update costs ~0.3 ms a step on a CPU
+        # (attribute writes, argmax bookkeeping) and the train split needs no more than sums
+        self._train_sums: torch.Tensor | None = None
         self.val_metrics = eval_metrics(num_classes, "val/")
         self.test_metrics = eval_metrics(num_classes, "test/")
 
@@ -148,20 +164,76 @@ class Classifier(L.LightningModule):
         return F.cross_entropy(logits, y), logits, y
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """One mini-batch ``(images, labels)`` -> its mean loss; with ``steps_per_execution > 1`` a
+        list of them -> their losses ``(K,)``, each mini-batch an optimizer step."""
+        if self.automatic_optimization:
+            return self._train_loss(batch)
+        opt = self.optimizers()
+        configs = self.trainer.lr_scheduler_configs
+        # Lightning's backward and step dispatch their hooks (on_before_backward, on_after_backward,
+        # on_before_optimizer_step) to every callback: the last mini-batch of the group goes through them,
+        # so callbacks see one call per training step as with K = 1; the others call autograd and the
+        # optimizer directly, counted as optimizer steps (global_step) all the same. With an fp16 grad
+        # scaler every mini-batch takes Lightning's path, which scales the loss and unscales the step.
+        direct = getattr(self.trainer.precision_plugin, "scaler", None) is None
+        losses = []
+        for i, minibatch in enumerate(batch):
+            loss = self._train_loss(minibatch)
+            opt.zero_grad()
+            lightning_path = not direct or i == len(batch) - 1
+            if lightning_path:
+                self.manual_backward(loss)
+            else:  # the strategy's preparation (DDP: one gradient all-reduce per backward), no hooks
+                self.trainer.strategy.pre_backward(loss)
+                loss.backward()
+            if self.gradient_clip is not None:
+                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip[0],
+                                    gradient_clip_algorithm=self.gradient_clip[1])
+            if lightning_path:
+                opt.step()
+            else:  # LightningOptimizer.step without the hooks: the loop's step counting, then the step
+                opt._on_before_step()
+                opt.optimizer.step()
+                opt._on_after_step()
+            self._step_schedulers(configs, "step")
+            losses.append(loss.detach())
+        return torch.stack(losses)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if not self.automatic_optimization and batch_idx + 1 == self.trainer.num_training_batches:
+            self._step_schedulers(self.trainer.lr_scheduler_configs, "epoch")  # where Lightning steps them
+
+    def _step_schedulers(self, configs, interval: str, plateau: bool = False) -> None:
+        for config in configs:
+            is_plateau = isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+            if config.interval != interval or is_plateau != plateau:
+                continue
+            if is_plateau:
+                config.scheduler.step(self.trainer.callback_metrics[self.scheduler_config.get("monitor", "val/loss")])
+            else:
+                config.scheduler.step()
+
+    def _train_loss(self, batch) -> torch.Tensor:
         loss, logits, y = self.model_step(batch)
         # mean over images: the batch mean once per image (torchmetrics 1.9 drops `weight` when
         # nan_strategy="disable", so it is not passed as a weight)
-        self.train_loss.update(loss.detach().expand(y.numel()))
-        self.train_acc.update(logits.detach(), y)
+        with torch.no_grad():
+            n = y.numel()
+            step = torch.stack([loss.detach().float() * n, (logits.argmax(1) == y).sum().float(),
+                                torch.full((), float(n), device=y.device)])
+            self._train_sums = step if self._train_sums is None else self._train_sums + step
         if self.hparams.log_train_steps:
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
         return loss
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/loss", self.train_loss.compute(), prog_bar=True)
-        self.log("train/acc", self.train_acc.compute(), prog_bar=True)
-        self.train_loss.reset()
-        self.train_acc.reset()
+        if not self.automatic_optimization:  # after validation, as Lightning does for ReduceLROnPlateau
+            self._step_schedulers(self.trainer.lr_scheduler_configs, "epoch", plateau=True)
+        if self._train_sums is not None:  # the mean over images; ranks train equal shares: mean over ranks
+            loss_sum, correct, images = self._train_sums
+            self.log("train/loss", loss_sum / images, prog_bar=True, sync_dist=True)
+            self.log("train/acc", correct / images, prog_bar=True, sync_dist=True)
+            self._train_sums = None
 
     def _eval_step(self, batch, metrics: MetricCollection, prefix: str) -> None:
         loss, logits, y = self.model_step(batch)
@@ -190,5 +262,19 @@ class Classifier(L.LightningModule):
         factory = self.scheduler_config["scheduler"]
         one_cycle = getattr(factory, "func", None) is torch.optim.lr_scheduler.OneCycleLR
         if one_cycle and "total_steps" not in factory.keywords:  # sized by the run: epochs x batches
-            factory = partial(factory, total_steps=int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": opt, "lr_scheduler": {**self.scheduler_config, "scheduler": factory(opt)}}
+            factory = partial(factory, total_steps=self._optimizer_steps())
+        config = {**self.scheduler_config, "scheduler": factory(opt)}
+        if not self.automatic_optimization:  # Lightning ignores (and warns about) it; _step_schedulers reads it
+            config.pop("monitor", None)
+        return {"optimizer": opt, "lr_scheduler": config}
+
+    def _optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run: Lightning's estimate, in mini-batches when a training step
+        runs ``steps_per_execution`` of them."""
+        trainer, k = self.trainer, self.hparams.steps_per_execution
+        steps = int(trainer.estimated_stepping_batches)  # also sets up the train batches
+        if k == 1:
+            return steps
+        per_epoch = min(trainer.num_training_batches * k, trainer.datamodule.train_dataloader().minibatches)
+        total = per_epoch * max(trainer.max_epochs, 1)
+        return min(total, trainer.max_steps) if trainer.max_steps > 0 else total

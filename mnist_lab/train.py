@@ -62,6 +62,12 @@ def check_config(cfg: DictConfig) -> None:
     missing = [name for name in REQUIRED_CALLBACKS if not cfg.callbacks.get(name)]
     if missing:
         raise ConfigError(f"callbacks.{missing[0]} is needed by every run; do not set it to null")
+    k = cfg.get("steps_per_execution", 1)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"steps_per_execution={k!r} must be a positive integer, e.g. steps_per_execution=8")
+    if k > 1 and (cfg.trainer.get("accumulate_grad_batches") or 1) > 1:
+        raise ConfigError("steps_per_execution > 1 runs one optimizer step per mini-batch; it cannot accumulate "
+                          "gradients: use trainer.accumulate_grad_batches with steps_per_execution=1")
     if not (cfg.get("logger") or {}).get("csv"):
         raise ConfigError("logger.csv is needed by every run (metrics.csv is the run's history); keep it and add "
                           "others beside it, e.g. logger=[csv,tensorboard]")
@@ -182,8 +188,13 @@ def _fit_and_report(cfg: DictConfig, run: RunDir, ckpt_path: Path | None, rank0:
         callbacks = {name: c for name, c in callbacks.items() if not isinstance(c, ProgressBar)}
     loggers = {name: build(node, f"logger.{name}", base=Logger) for name, node in cfg.logger.items()
                if node is not None}
+    clip = {}
+    if not module.automatic_optimization and cfg.trainer.get("gradient_clip_val"):
+        # Lightning clips only in automatic optimisation: the Classifier clips each of its K steps
+        module.gradient_clip = (cfg.trainer.gradient_clip_val, cfg.trainer.get("gradient_clip_algorithm") or "norm")
+        clip = {"gradient_clip_val": None}
     trainer = build(cfg.trainer, "trainer", base=L.Trainer, callbacks=[*callbacks.values(), *more_callbacks],
-                    logger=list(loggers.values()))
+                    logger=list(loggers.values()), **clip)
     if rank0:  # downloads happen on rank 0 only (Lightning's contract); the data is read and checked now,
         datamodule.prepare_data()  # before training starts
     datamodule.setup("fit")

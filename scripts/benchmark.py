@@ -94,12 +94,13 @@ def plain_loop(model, x_u8, y, batch_size, steps, epochs, mean, std, augment, de
     return seconds, first_loss
 
 
-def fit_path(name, batch_size, steps, epochs, args, seed, workdir) -> list[float]:
-    """A whole ``mnist_lab.train`` run of ``epochs`` x ``steps`` training steps; seconds per epoch."""
+def fit_path(name, batch_size, steps, epochs, args, seed, workdir, k: int = 1) -> list[float]:
+    """A whole ``mnist_lab.train`` run of ``epochs`` x ``steps`` training steps (``steps`` a multiple of
+    ``k``, the steps per execution); seconds per epoch."""
     timer = StepTimer()
     overrides = [f"model={name}", "data.split=official", f"data.batch_size={batch_size}",
-                 f"+aug={str(args.aug).lower()}", f"trainer.max_epochs={epochs}",
-                 f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=1",
+                 f"+aug={str(args.aug).lower()}", f"trainer.max_epochs={epochs}", f"steps_per_execution={k}",
+                 f"trainer.limit_train_batches={steps // k}", "trainer.limit_val_batches=1",
                  "eval.max_images=100", f"trainer.precision={args.precision}",
                  f"trainer.accelerator={'gpu' if args.device.startswith('cuda') else 'cpu'}", "trainer.devices=1",
                  "callbacks.early_stopping.patience=1000", "trainer.enable_progress_bar=false",
@@ -129,6 +130,8 @@ def main() -> int:
     parser.add_argument("--precision", default="32-true", help="fit path precision (the plain loop is fp32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--data-root", default=None)
+    parser.add_argument("--steps-per-execution", nargs="+", type=int, default=[1],
+                        help="fit-path steps_per_execution values, one row each (e.g. 1 8)")
     parser.add_argument("--out", default="benchmark.json")
     args = parser.parse_args()
     if args.threads:
@@ -136,33 +139,33 @@ def main() -> int:
     device = torch.device(args.device)
     workdir = tempfile.mkdtemp(prefix="mnist_lab_benchmark_")  # the fit path's run dirs, removed at the end
     rows = []
-    for name in args.models:
-        for bs in args.batch_sizes:
-            dm = MNISTDataModule(root=args.data_root, split="official", batch_size=bs, augment=args.aug)
-            dm.setup()
-            x, y = dm.splits["train"]
-            steps = max(1, min(args.train_images, len(y)) // bs)
-            L.seed_everything(0, workers=True, verbose=False)  # the fit path's seed=0: the same initial weights
-            model = build_model(name).to(device)
-            init = {k: v.clone() for k, v in model.state_dict().items()}
-            plain_s, fit_s, first_loss = [], [], None
-            for _ in range(args.repeats):
-                model.load_state_dict(init)
-                seconds, loss = plain_loop(model, x, y, bs, steps, args.epochs, dm.mean, dm.std, dm.augmenter, device)
-                plain_s.append(seconds)
-                first_loss = loss if first_loss is None else first_loss
-                fit_s.append(fit_path(name, bs, steps, args.epochs, args, 0, workdir))
-            images = steps * bs
-            row = {"model": name, "batch_size": bs, "aug": args.aug, "images_per_epoch": images,
-                   "plain_epoch_seconds": [[round(s, 4) for s in r] for r in plain_s],
-                   "fit_epoch_seconds": [[round(s, 4) for s in r] for r in fit_s],
-                   "plain_images_per_s": round(images / steady(plain_s)),
-                   "fit_images_per_s": round(images / steady(fit_s)),
-                   "plain_first_step_loss": first_loss}
-            row["ratio"] = round(row["fit_images_per_s"] / row["plain_images_per_s"], 3)
-            rows.append(row)
-            print(f"{name:>6} bs {bs:>4}{' aug' if args.aug else ''}: plain {row['plain_images_per_s']:>7} img/s, "
-                  f"mnist_lab fit {row['fit_images_per_s']:>7} img/s, ratio {row['ratio']:.3f}", flush=True)
+    for name, bs, k in [(n, b, k) for n in args.models for b in args.batch_sizes for k in args.steps_per_execution]:
+        dm = MNISTDataModule(root=args.data_root, split="official", batch_size=bs, augment=args.aug)
+        dm.setup()
+        x, y = dm.splits["train"]
+        steps = max(k, min(args.train_images, len(y)) // bs // k * k)
+        L.seed_everything(0, workers=True, verbose=False)  # the fit path's seed=0: the same initial weights
+        model = build_model(name).to(device)
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        plain_s, fit_s, first_loss = [], [], None
+        for _ in range(args.repeats):
+            model.load_state_dict(init)
+            seconds, loss = plain_loop(model, x, y, bs, steps, args.epochs, dm.mean, dm.std, dm.augmenter, device)
+            plain_s.append(seconds)
+            first_loss = loss if first_loss is None else first_loss
+            fit_s.append(fit_path(name, bs, steps, args.epochs, args, 0, workdir, k))
+        images = steps * bs
+        row = {"model": name, "batch_size": bs, "steps_per_execution": k, "aug": args.aug,
+               "images_per_epoch": images,
+               "plain_epoch_seconds": [[round(s, 4) for s in r] for r in plain_s],
+               "fit_epoch_seconds": [[round(s, 4) for s in r] for r in fit_s],
+               "plain_images_per_s": round(images / steady(plain_s)),
+               "fit_images_per_s": round(images / steady(fit_s)),
+               "plain_first_step_loss": first_loss}
+        row["ratio"] = round(row["fit_images_per_s"] / row["plain_images_per_s"], 3)
+        rows.append(row)
+        print(f"{name:>6} bs {bs:>4} K {k:>2}{' aug' if args.aug else ''}: plain {row['plain_images_per_s']:>7} img/s, "
+              f"mnist_lab fit {row['fit_images_per_s']:>7} img/s, ratio {row['ratio']:.3f}", flush=True)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "lightning": L.__version__, "threads": torch.get_num_threads(),

@@ -57,9 +57,9 @@ class SeenSamples(L.Callback):
         if self._index is None:
             images = dm.splits["train"][0].cpu()
             self._index = {img.numpy().tobytes(): i for i, img in enumerate(images)}
-        x = batch[0].float().cpu()
-        pixels = (x * 255).round().clamp(0, 255).to(torch.uint8)[:, 0]
-        self.seen.setdefault(trainer.current_epoch, []).extend(self._index[p.numpy().tobytes()] for p in pixels)
+        for images, _ in batch if isinstance(batch, list) else [batch]:  # a group with steps_per_execution > 1
+            pixels = (images.float().cpu() * 255).round().clamp(0, 255).to(torch.uint8)[:, 0]
+            self.seen.setdefault(trainer.current_epoch, []).extend(self._index[p.numpy().tobytes()] for p in pixels)
 
     def on_train_end(self, trainer, pl_module) -> None:
         path = Path(trainer.default_root_dir) / f"seen_rank{trainer.global_rank}.json"

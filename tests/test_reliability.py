@@ -201,9 +201,11 @@ def test_a_sparser_divergence_check_still_stops_before_the_next_checkpoint(synth
 
 
 # ---------------------------------------------------------------- DDP
-def test_two_process_ddp_on_cpu(synthetic_root, tmp_path):
+@pytest.mark.parametrize("k", [1, 8], ids=["steps_per_execution_1", "steps_per_execution_8"])
+def test_two_process_ddp_on_cpu(k, synthetic_root, tmp_path):
     run = tmp_path / "run"
-    args = ["model=fc", "optimizer.lr=1e-5", "trainer.max_epochs=2", "trainer.accelerator=cpu", "trainer.devices=2",
+    args = [f"steps_per_execution={k}", "model=fc", "optimizer.lr=1e-5", "trainer.max_epochs=2",
+            "trainer.accelerator=cpu", "trainer.devices=2",
             "trainer.strategy=ddp", "eval.full=false", "+callbacks.seen._target_=probes.SeenSamples",
             f"hydra.run.dir={run}", *QUIET]
     proc = train_cli(args, synthetic_root, tmp_path)
