@@ -271,7 +271,9 @@ def restore_history(logger: CSVLogger, run: RunDir, up_to_epoch: int) -> None:
 
     Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts, so the rows are moved
     aside (``.metrics.csv.resume``, kept until they are written again: a resume killed here loses
-    nothing) and logged again through the logger, which then appends the resumed epochs.
+    nothing) and logged again through the logger, which then appends the resumed epochs. Rows without
+    an epoch (the learning rate, logged as each epoch starts) are kept up to the last kept epoch's
+    step: the resumed run logs the next epoch's again.
     """
     path, aside = run.history, run.path / ".metrics.csv.resume"
     if path.is_file() and not aside.is_file():
@@ -279,7 +281,10 @@ def restore_history(logger: CSVLogger, run: RunDir, up_to_epoch: int) -> None:
     if not aside.is_file():
         return
     with open(aside, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("epoch") and int(float(r["epoch"])) <= up_to_epoch]
+        every = list(csv.DictReader(f))
+    kept = [r for r in every if r.get("epoch") and int(float(r["epoch"])) <= up_to_epoch]
+    last_step = max((int(float(r["step"])) for r in kept), default=-1)
+    rows = [r for r in every if r in kept or (not r.get("epoch") and int(float(r["step"])) <= last_step)]
     for row in rows:
         values = {k: int(float(v)) if k == "epoch" else float(v)
                   for k, v in row.items() if k != "step" and v not in ("", None)}
