@@ -259,6 +259,7 @@ def _fit_and_report(cfg: DictConfig, run: RunDir, ckpt_path: Path | None, rank0:
             logger.log_hyperparams({**OmegaConf.to_container(cfg.module, resolve=True), "data": datamodule.hparams,
                                     "seed": cfg.seed, "epochs": epochs},
                                    {f"hparams/{k}": metrics[k] for k in ("best_val/acc", "test/acc") if k in metrics})
+            logger.finalize("success")  # fit already closed the writer: flush and close the one this reopened
     if cfg.plots:
         plot_curves(run.history, run.path / "curves.png", title=module.name)
     print(f"run dir: {run.path}")
