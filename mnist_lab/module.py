@@ -131,7 +131,7 @@ class Classifier(L.LightningModule):
         # a compiled bound method is a plain function: not a submodule, so no extra state_dict keys
         self._compiled_forward = torch.compile(self.net.forward, mode=compile_mode) if compile else None
         # the training loss and top-1 accuracy of an epoch: three running sums on the device (loss x images,
-        # correct, images), one in-place add per step; a torchmetrics update costs ~0.3 ms a step on a CPU
+        # correct, images), one small add per step; a torchmetrics update costs ~0.3 ms a step on a CPU
         # (attribute writes, argmax bookkeeping) and the train split needs no more than sums
         self._train_sums: torch.Tensor | None = None
         self.val_metrics = eval_metrics(num_classes, "val/")
@@ -215,9 +215,7 @@ class Classifier(L.LightningModule):
 
     def _train_loss(self, batch) -> torch.Tensor:
         loss, logits, y = self.model_step(batch)
-        # mean over images: the batch mean once per image (torchmetrics 1.9 drops `weight` when
-        # nan_strategy="disable", so it is not passed as a weight)
-        with torch.no_grad():
+        with torch.no_grad():  # the epoch's sums: loss x images (a mean over images, not batches), correct, images
             n = y.numel()
             step = torch.stack([loss.detach().float() * n, (logits.argmax(1) == y).sum().float(),
                                 torch.full((), float(n), device=y.device)])
