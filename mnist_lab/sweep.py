@@ -169,8 +169,9 @@ def _fmt(pair: tuple[float, float], digits: int = 4) -> str:
     return "–" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def write_summary(sweep_dir: str | Path) -> dict:
-    """Write ``summary.csv``, ``summary.md`` and the plots into ``sweep_dir``.
+def write_summary(sweep_dir: str | Path, title: str | None = None) -> dict:
+    """Write ``summary.csv``, ``summary.md`` and the plots into ``sweep_dir``; ``title`` heads the plots
+    (None: the sweep dir's name).
 
     Returns:
         ``{"rows": [...], "groups": [...], "files": [paths written], "failed": [rows not completed]}``.
@@ -232,7 +233,7 @@ def write_summary(sweep_dir: str | Path) -> dict:
     write_text_atomic(files[1], "\n".join(lines) + "\n")
 
     if groups:
-        title = sweep_dir.name
+        title = title or sweep_dir.name
         files.append(plot_acc_vs_params(groups, sweep_dir / "acc_vs_params.png", title=title, front=front))
         files.append(plot_val_curves(groups, sweep_dir / "val_curves.png", title=title))
         files.append(plot_train_val_gap(groups, sweep_dir / "train_val_gap.png", title=title))
@@ -246,13 +247,38 @@ def write_summary(sweep_dir: str | Path) -> dict:
 
 class SweepSummary(Callback):
     """Hydra callback (``hydra.callbacks.sweep_summary`` in ``conf/train.yaml``): writes the summary
-    when a multirun ends, and exits with code 1 if any job failed (after writing it)."""
+    (and, for a study, its ``report.md``: :mod:`mnist_lab.study`) when a multirun ends, and exits with
+    code 1 if any job failed (after writing them)."""
+
+    # Hydra turns an exception in a callback into a warning and exits 0: errors exit here, with code 1.
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        from mnist_lab.errors import ConfigError
+        from mnist_lab.study import check_spec  # study builds on this module
+
+        if config.get("study") is not None:
+            keys = {parse_override(o)[0] for o in config.hydra.overrides.task}
+            keys |= {k.lstrip("+~") for k in (OmegaConf.select(config, "hydra.sweeper.params") or {})}
+            try:
+                check_spec(OmegaConf.to_container(config.study, resolve=True), keys)
+            except ConfigError as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(1)
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        result = write_summary(sweep_dir)
-        print(f"sweep dir: {sweep_dir}")
-        print(f"summary: {sweep_dir / 'summary.md'} ({len(result['rows'])} jobs)")
+        from mnist_lab.study import write_report
+
+        sweep_dir, study = Path(config.hydra.sweep.dir), config.get("study")
+        try:
+            result = write_summary(sweep_dir, title=f"study: {study.name}" if study is not None else None)
+            print(f"sweep dir: {sweep_dir}")
+            print(f"summary: {sweep_dir / 'summary.md'} ({len(result['rows'])} jobs)")
+            if study is not None:
+                report = write_report(sweep_dir, OmegaConf.to_container(study, resolve=True))
+                print(f"report: {report}")
+        except Exception as e:  # noqa: BLE001 - reported, and the exit code says it
+            print(f"error: the sweep summary of {sweep_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            sys.exit(1)
         if result["failed"]:
             print(f"{len(result['failed'])} of {len(result['rows'])} jobs did not complete; "
                   "their errors are in summary.md", file=sys.stderr)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Summarize a Hydra multirun sweep dir: summary.csv, summary.md and plots (mnist_lab.sweep).
+"""Summarize a Hydra multirun sweep dir: summary.csv, summary.md and plots (mnist_lab.sweep), and
+for a study (+study=NAME) its report.md (mnist_lab.study).
 
 Usage: python scripts/summarize_sweep.py outputs/sweeps/<time>
 Works on a finished, partly failed or unfinished sweep; exits 1 if a job did not complete.
@@ -8,6 +9,7 @@ Works on a finished, partly failed or unfinished sweep; exits 1 if a job did not
 import argparse
 import sys
 
+from mnist_lab.study import study_spec, write_report
 from mnist_lab.sweep import write_summary
 
 
@@ -16,11 +18,13 @@ def main() -> int:
     parser.add_argument("sweep_dir")
     args = parser.parse_args()
     try:
-        result = write_summary(args.sweep_dir)
+        spec = study_spec(args.sweep_dir)
+        result = write_summary(args.sweep_dir, title=f"study: {spec['name']}" if spec else None)
+        report = write_report(args.sweep_dir, spec)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("\n".join(str(f) for f in result["files"]))
+    print("\n".join(str(f) for f in [*result["files"], *([report] if report else [])]))
     return 1 if result["failed"] else 0
 
 

@@ -1,0 +1,280 @@
+"""Studies: a sweep that answers one research question, with a ``report.md`` beside its summary.
+
+A study is a named sweep config, ``conf/study/<name>.yaml``, run with
+``python -m mnist_lab.train +study=<name>`` (one job per grid point and seed). Besides the sweep's grid
+it holds a ``study`` node that every job saves in its ``.hydra/config.yaml``:
+
+- ``name``, ``question``, ``protocol`` and ``cut`` (what was left out to fit the time budget): text;
+- ``columns``: the per-job values tabulated per configuration as mean ± sample std (n);
+- ``plots``: the sweep summary's figures that answer the question (``robustness.png``, ...);
+- ``comparisons``: ``{metric, a: {factor: value}, b: {factor: value}}`` (the difference a − b of the
+  means, Welch's unequal-variance t-test) or ``{metric, a: {...}, published: x}`` (a's mean − x, the
+  one-sample t-test); the first is the headline;
+- ``threshold`` (optional): the val accuracy that ``epochs_to_threshold`` counts to.
+
+Per-job values are the ``metrics.json`` figures of :data:`mnist_lab.sweep.METRICS` and three derived
+from the run: ``gap`` (last-epoch train accuracy − val accuracy), ``val_loss_epoch1`` (val loss after
+the first epoch) and ``epochs_to_threshold`` (the first 1-based epoch whose val accuracy reaches
+``threshold``; a run that never reaches it has no value and is counted as "not reached").
+
+Confidence intervals are 95 % t intervals of the difference (Welch–Satterthwaite degrees of freedom
+for two groups), from :func:`scipy.stats.ttest_ind` (``equal_var=False``) and
+:func:`scipy.stats.ttest_1samp`. A difference is called significant when p < 0.05 (two-sided).
+:func:`write_report` runs when a study's multirun ends (``mnist_lab.sweep.SweepSummary``) and by hand
+with ``python scripts/summarize_sweep.py SWEEP_DIR``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import warnings
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from mnist_lab.errors import ConfigError
+from mnist_lab.rundir import write_text_atomic
+from mnist_lab.sweep import METRICS, collect, config_label, varying_factors
+
+#: Names of the per-job values in the report's prose and table headers.
+LABELS = {
+    "test/acc": "test acc", "test/f1_macro": "test macro-F1", "test/loss": "test loss", "test/ece": "test ECE",
+    "best_val/acc": "best val acc", "best_val/loss": "best val loss", "params_trainable": "trainable params",
+    "train_seconds": "train s", "epochs": "epochs", "gap": "train−val gap",
+    "robustness/mean": "robust acc (mean)", "robustness/rotation_20": "acc, rotated 20°",
+    "robustness/translation_4": "acc, shifted 4 px", "val_loss_epoch1": "val loss after epoch 1",
+    "epochs_to_threshold": "epochs to val acc ≥ {threshold}",
+}
+ALPHA = 0.05
+#: Per-job values a study can tabulate and compare.
+VALUES = (*METRICS, "gap", "val_loss_epoch1", "epochs_to_threshold")
+
+
+def check_spec(spec: dict, factors: set[str]) -> None:
+    """Check a ``study`` node before its sweep starts.
+
+    Args:
+        spec: the ``study`` node as a dict.
+        factors: the keys the sweep varies or sets (``model.depth``, ``aug``, ``seed``, ...; no ``+``).
+
+    Raises:
+        ConfigError: a missing ``name`` / ``question`` / ``columns``, a column or comparison metric that
+            is not a per-job value (:data:`VALUES`), or a comparison whose ``a`` / ``b`` names a key the
+            sweep does not set, or that has neither ``b`` nor ``published``.
+    """
+    where = f"study {spec.get('name', '?')}"
+    for key in ("name", "question", "columns"):
+        if not spec.get(key):
+            raise ConfigError(f"{where}: study.{key} is missing; every study needs name, question and columns")
+    for metric in [*spec["columns"], *(c.get("metric") for c in spec.get("comparisons", []))]:
+        if metric not in VALUES:
+            raise ConfigError(f"{where}: unknown value {metric!r}; use one of {', '.join(VALUES)}")
+    for c in spec.get("comparisons", []):
+        if ("b" in c) == ("published" in c):
+            raise ConfigError(f"{where}: comparison {c} needs either b (a configuration) or published (a number)")
+        for key in {*c["a"], *c.get("b", {})} - factors:
+            raise ConfigError(f"{where}: comparison {c} selects on {key!r}, which the sweep does not set; "
+                              f"use one of {', '.join(sorted(factors))}")
+
+
+def study_spec(sweep_dir: str | Path) -> dict | None:
+    """The ``study`` node of the first job's saved config (``*/.hydra/config.yaml``), or None when the
+    sweep was not a study."""
+    for cfg_file in sorted(Path(sweep_dir).rglob(".hydra/config.yaml")):
+        cfg = OmegaConf.load(cfg_file)
+        if "study" in cfg and cfg.study is not None:
+            return OmegaConf.to_container(cfg.study, resolve=True)
+    return None
+
+
+def job_value(row: dict, metric: str, threshold: float = 0.99) -> float | None:
+    """One job's value of ``metric``: a :data:`mnist_lab.sweep.METRICS` figure, or ``gap``,
+    ``val_loss_epoch1``, ``epochs_to_threshold`` (see the module docstring). None when the job has none."""
+    history = row["history"]
+    if metric == "gap":
+        train, val = row["last_train/acc"], row["last_val/acc"]
+        return None if train is None or val is None else train - val
+    if metric == "val_loss_epoch1":
+        return history.get("val/loss", {}).get(0)
+    if metric == "epochs_to_threshold":
+        reached = [epoch for epoch, acc in history.get("val/acc", {}).items() if acc >= threshold]
+        return min(reached) + 1 if reached else None
+    return row.get(metric)
+
+
+def matches(factors: dict[str, str], selector: dict) -> bool:
+    """Whether a job's overrides hold every ``factor: value`` of ``selector`` (values compared as the
+    YAML text of :func:`mnist_lab.sweep.parse_override`: ``"true"``, ``"0.25"``, ``"conv2"``)."""
+    return all(factors.get(k) == (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in selector.items())
+
+
+def compare(a: list[float], b: list[float] | None = None, published: float | None = None) -> dict:
+    """Difference of means with its 95 % confidence interval and a two-sided t-test.
+
+    Two groups (``b``): ``mean(a) − mean(b)``, Welch's t-test (unequal variances). One group and a
+    ``published`` figure: ``mean(a) − published``, the one-sample t-test.
+
+    Returns:
+        ``{"diff", "low", "high", "t", "df", "p", "n_a", "n_b", "significant"}``; ``t``, ``p``, ``low``,
+        ``high`` are NaN (and ``significant`` False) when the test is undefined: fewer than 2 values in
+        a group, or no spread at all.
+    """
+    from scipy import stats  # imported here: only reports need it
+
+    with warnings.catch_warnings():  # identical values: scipy warns and returns NaN, reported as "no test"
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if b is None:
+            diff = statistics.fmean(a) - published
+            result = stats.ttest_1samp(a, published) if len(a) > 1 else None
+            ci = result.confidence_interval(1 - ALPHA) if result is not None else None
+            low, high = (ci.low - published, ci.high - published) if ci is not None else (math.nan, math.nan)
+        else:
+            diff = statistics.fmean(a) - statistics.fmean(b)
+            result = stats.ttest_ind(a, b, equal_var=False) if len(a) > 1 and len(b) > 1 else None
+            ci = result.confidence_interval(1 - ALPHA) if result is not None else None
+            low, high = (ci.low, ci.high) if ci is not None else (math.nan, math.nan)
+    t, p, df = (float(result.statistic), float(result.pvalue), float(result.df)) if result else (math.nan,) * 3
+    if not math.isfinite(t):  # no spread (t = ±inf or 0/0): no test rather than a p of 0
+        t = p = low = high = math.nan
+    return {"diff": diff, "low": float(low), "high": float(high), "t": t, "df": df, "p": p,
+            "n_a": len(a), "n_b": len(b) if b is not None else 0, "significant": bool(p < ALPHA)}
+
+
+def _fmt(metric: str, value: float) -> str:
+    if metric == "params_trainable":
+        return f"{value:,.0f}"
+    if metric in ("train_seconds", "epochs", "epochs_to_threshold"):
+        return f"{value:.1f}"
+    return f"{value:.4f}"
+
+
+def _signed(metric: str, value: float) -> str:
+    return "–" if math.isnan(value) else ("+" if value >= 0 else "-") + _fmt(metric, abs(value))
+
+
+def _cell(metric: str, values: list[float], n_jobs: int) -> str:
+    if not values:
+        return "–"
+    mean, std = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    if metric == "params_trainable":
+        return _fmt(metric, mean)
+    cell = f"{_fmt(metric, mean)} ± {_fmt(metric, std)} ({len(values)})"
+    return cell + (f", {len(values)}/{n_jobs} reached" if metric == "epochs_to_threshold" else "")
+
+
+def _sentence(comparison: dict, result: dict, label: str) -> str:
+    metric = comparison["metric"]
+    versus = (f"the published {comparison['published']}" if "published" in comparison
+              else config_label(comparison["b"]))
+    if result["diff"] == 0:
+        text = f"{label} is the same for {config_label(comparison['a'])} as for {versus}"
+    else:
+        direction = "higher" if result["diff"] > 0 else "lower"
+        text = f"{label} is {_fmt(metric, abs(result['diff']))} {direction} for {config_label(comparison['a'])} " \
+               f"than for {versus}"
+    if math.isnan(result["p"]):
+        return text + (f" (n = {result['n_a']} vs {result['n_b'] or 1}: no t-test, too few runs or no spread)")
+    test = "Welch's t" if "b" in comparison else "one-sample t"
+    stats_ = (f"difference {_signed(metric, result['diff'])}, 95 % CI {_signed(metric, result['low'])} to "
+              f"{_signed(metric, result['high'])}; {test} = {result['t']:.2f}, "
+              f"df = {result['df']:.1f}, p = {result['p']:.3g}; n = {result['n_a']}"
+              + (f" vs {result['n_b']}" if result["n_b"] else ""))
+    verdict = ("significant at the 5 % level" if result["significant"]
+               else "not significant at the 5 % level: these runs do not tell the two apart")
+    return f"{text} ({stats_}): {verdict}"
+
+
+def write_report(sweep_dir: str | Path, spec: dict | None = None) -> Path | None:
+    """Write ``report.md`` into a study's sweep dir (after :func:`mnist_lab.sweep.write_summary`, whose
+    plots it links). ``spec``: the ``study`` node; None reads it from the jobs' saved configs.
+
+    Returns:
+        The report's path, or None when the sweep is not a study.
+
+    A comparison whose configurations are not in this sweep (a command line that narrowed the grid), or
+    have no completed run with a value, gets a row of dashes saying so.
+
+    Raises:
+        FileNotFoundError: ``sweep_dir`` holds no Hydra job dirs.
+    """
+    sweep_dir = Path(sweep_dir)
+    spec = spec or study_spec(sweep_dir)
+    if spec is None:
+        return None
+    rows = collect(sweep_dir)
+    if not rows:
+        raise FileNotFoundError(f"no Hydra job dirs (*/.hydra/overrides.yaml) under {sweep_dir}")
+    threshold = float(spec.get("threshold", 0.99))
+    completed = [r for r in rows if r["status"] == "completed"]
+    varying = varying_factors(rows)
+    configs: dict[tuple, list[dict]] = {}
+    for row in completed:
+        configs.setdefault(tuple((k, row["factors"].get(k)) for k in varying), []).append(row)
+
+    def values(members: list[dict], metric: str) -> list[float]:
+        return [v for v in (job_value(m, metric, threshold) for m in members) if v is not None]
+
+    def label(metric: str) -> str:
+        return LABELS.get(metric, metric).format(threshold=threshold)
+
+    grid = {k: sorted({r["factors"].get(k) for r in rows}, key=str) for k in varying}
+    seeds = sorted({r["factors"].get("seed", "") for r in rows}, key=str)
+    fixed = sorted({f"{k}={v}" for r in rows for k, v in r["factors"].items() if k not in varying and k != "seed"})
+    lines = [f"# Study: {spec['name']}", "", f"**Question.** {spec['question']}", "",
+             f"**Protocol.** {spec.get('protocol', '')}", "",
+             f"**Grid.** {'; '.join(k + ' ∈ {' + ', '.join(v) + '}' for k, v in grid.items()) or '(one configuration)'}"
+             f"; seeds {', '.join(seeds)}: {len(rows)} jobs, {len(completed)} completed."
+             + (f" Other overrides of this run: {', '.join(fixed)}." if fixed else ""), "",
+             f"**Cut to fit the time budget.** {spec.get('cut', 'nothing')}", "",
+             f"Regenerate: `python -m mnist_lab.train +study={spec['name']} +launcher=cpu_parallel` (then "
+             f"`python scripts/summarize_sweep.py SWEEP_DIR` rewrites this report from the run dirs).", "",
+             "## Results", "", "Mean ± sample std (n = runs with a value) over seeds.", "",
+             "| configuration | " + " | ".join(label(c) for c in spec["columns"]) + " |",
+             "| --- |" + " ---: |" * len(spec["columns"])]
+    for key, members in configs.items():
+        cells = [_cell(c, values(members, c), len(members)) for c in spec["columns"]]
+        lines.append(f"| {config_label(dict(key))} | " + " | ".join(cells) + " |")
+    plots = [p for p in spec.get("plots", []) if (sweep_dir / p).is_file()]
+    if plots:
+        lines += [""] + [f"![{p.removesuffix('.png').replace('_', ' ')}]({p})" for p in plots]
+
+    lines += ["", "## Comparisons", "",
+              "Difference of the means (a − b, or a − the published figure), 95 % confidence interval, "
+              "two-sided t-test (Welch's for two groups, one-sample against a published figure).", "",
+              "| a | b | metric | a − b | 95 % CI | t | df | p | n | significant (5 %) |",
+              "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | :---: |"]
+    sentences = []
+    for comparison in spec.get("comparisons", []):
+        metric = comparison["metric"]
+        a = values([r for r in completed if matches(r["factors"], comparison["a"])], metric)
+        b = None if "published" in comparison else values(
+            [r for r in completed if matches(r["factors"], comparison["b"])], metric)
+        versus = f"published {comparison['published']}" if b is None else config_label(comparison["b"])
+        if not a or b == []:
+            selectors = [comparison["a"], *([comparison["b"]] if b is not None else [])]
+            why = ("not in this sweep" if not all(any(matches(r["factors"], s) for r in rows) for s in selectors)
+                   else "no completed run with a value")
+            lines.append(f"| {config_label(comparison['a'])} | {versus} | {label(metric)} | – | {why} "
+                         "| – | – | – | – | no |")
+            sentences.append(f"{label(metric)}: {config_label(comparison['a'])} against {versus}: {why}")
+            continue
+        result = compare(a, b, comparison.get("published"))
+        ci = "–" if math.isnan(result["low"]) else f"{_signed(metric, result['low'])} to " \
+                                                   f"{_signed(metric, result['high'])}"
+        n = f"{result['n_a']}" + (f" vs {result['n_b']}" if b is not None else "")
+        nums = ("–", "–", "–") if math.isnan(result["p"]) else (
+            f"{result['t']:.2f}", f"{result['df']:.1f}", f"{result['p']:.3g}")
+        lines.append(f"| {config_label(comparison['a'])} | {versus} | {label(metric)} | "
+                     f"{_signed(metric, result['diff'])} | {ci} | {' | '.join(nums)} | {n} | "
+                     f"{'yes' if result['significant'] else 'no'} |")
+        sentences.append(_sentence(comparison, result, label(metric)))
+    if sentences:
+        lines += ["", "## Answer", "",
+                  f"Headline: {sentences[0]}." + "".join(f" {s[0].upper()}{s[1:]}." for s in sentences[1:])]
+    failed = [r for r in rows if r["status"] != "completed"]
+    if failed:
+        lines += ["", f"{len(failed)} jobs did not complete and are left out (their errors: summary.md)."]
+    path = sweep_dir / "report.md"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,174 @@
+"""Studies (conf/study/*.yaml, mnist_lab/study.py): each study's whole grid runs on tiny synthetic
+settings, and its report's table and statistics agree with a hand computation from the run dirs."""
+
+import csv
+import itertools
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+from conftest import QUIET, run_module
+from omegaconf import OmegaConf
+from scipy import stats
+
+from mnist_lab.errors import ConfigError
+from mnist_lab.study import check_spec, compare, matches
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "study"
+FAST = ["trainer.max_epochs=2", "trainer.limit_train_batches=3",  # one-cycle needs >= 3 steps per epoch
+        "plots=false", *QUIET]
+CELL = re.compile(r"^([-\d.,]+)(?: ± ([\d.]+) \((\d+)\))?")
+
+
+def hand_values(job: Path, metric: str, threshold: float) -> float | None:
+    """A job's value of `metric`, read straight from its metrics.json / metrics.csv."""
+    metrics = json.loads((job / "metrics.json").read_text())
+    with open(job / "metrics.csv", newline="") as f:
+        epochs = [r for r in csv.DictReader(f) if r.get("val/acc")]
+    if metric == "gap":
+        return metrics["last_train/acc"] - metrics["last_val/acc"]
+    if metric == "val_loss_epoch1":
+        return float(epochs[0]["val/loss"])
+    if metric == "epochs_to_threshold":
+        return next((i + 1 for i, r in enumerate(epochs) if float(r["val/acc"]) >= threshold), None)
+    return metrics.get(metric)
+
+
+def welch_by_hand(a, b):
+    """Welch's t, Welch–Satterthwaite df, two-sided p and the 95 % CI of mean(a) - mean(b)."""
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    diff, se = statistics.fmean(a) - statistics.fmean(b), math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    q = stats.t.ppf(0.975, df)
+    return {"diff": diff, "t": diff / se, "df": df, "p": 2 * stats.t.sf(abs(diff / se), df),
+            "low": diff - q * se, "high": diff + q * se}
+
+
+def test_welch_and_one_sample_statistics_match_the_textbook_formulas():
+    a, b = [0.990, 0.992, 0.9905], [0.985, 0.989, 0.986, 0.9875]
+    got, want = compare(a, b), welch_by_hand(a, b)
+    for key in ("diff", "t", "df", "p", "low", "high"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
+    assert got["significant"] and got["n_a"] == 3 and got["n_b"] == 4
+    # one sample against a published figure: t = (mean - x) / (s / sqrt(n)), n - 1 df
+    one = compare(a, published=0.9893)
+    se = statistics.stdev(a) / math.sqrt(3)
+    t = (statistics.fmean(a) - 0.9893) / se
+    assert one["t"] == pytest.approx(t) and one["df"] == 2
+    assert one["low"] == pytest.approx(statistics.fmean(a) - 0.9893 - stats.t.ppf(0.975, 2) * se)
+    assert one["p"] == pytest.approx(2 * stats.t.sf(abs(t), 2))
+    # no spread, or a single run: no test, never "significant"
+    flat = compare([1.0, 1.0, 1.0], [1.0, 1.0, 1.0])
+    assert math.isnan(flat["p"]) and math.isnan(flat["low"]) and not flat["significant"]
+    assert math.isnan(compare([0.99], [0.98, 0.97])["t"])
+
+
+def test_a_selector_matches_overrides_as_written_in_yaml():
+    factors = {"model.batchnorm": "true", "optimizer.lr": "0.01", "seed": "0"}
+    assert matches(factors, {"model.batchnorm": True, "optimizer.lr": 0.01})
+    assert not matches(factors, {"model.batchnorm": "false"})
+
+
+@pytest.mark.parametrize("name", ["depth", "augmentation", "dropout_placement", "batchnorm", "small_cnn"])
+def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name, synthetic_root, tmp_path):
+    sweep = tmp_path / "study"
+    extra = ["eval.max_images=100"] if name == "augmentation" else []
+    proc = run_module("mnist_lab.train", [f"+study={name}", *FAST, *extra, f"hydra.sweep.dir={sweep}"],
+                      synthetic_root, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"report: {sweep / 'report.md'}" in proc.stdout
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    spec, grid = cfg.study, cfg.hydra.sweeper.params
+    threshold = float(spec.get("threshold", 0.99))
+
+    # the whole grid ran, seeds 0, 1, 2 (>= 3 seeds per configuration)
+    axes = {k.lstrip("+"): str(v).split(",") for k, v in grid.items()}
+    assert axes["seed"] == ["0", "1", "2"]
+    jobs = {}
+    for job in sweep.iterdir():
+        if job.is_dir():
+            factors = dict(part.split("=", 1) for part in job.name.split(",") if "=" in part)
+            jobs[job] = {k.lstrip("+"): v.lower() for k, v in factors.items()}
+    configs = [dict(zip([k for k in axes if k != "seed"], combo, strict=True))
+               for combo in itertools.product(*(v for k, v in axes.items() if k != "seed"))]
+    assert len(jobs) == 3 * len(configs)
+
+    report = (sweep / "report.md").read_text()
+    assert spec.question.split()[0] in report and "**Cut to fit the time budget.**" in report
+    table = {}
+    for line in report.split("## Results")[1].split("## Comparisons")[0].splitlines():
+        if line.startswith("| ") and not line.startswith(("| configuration", "| ---")):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            table[cells[0]] = dict(zip(spec.columns, cells[1:], strict=True))
+    assert len(table) == len(configs)
+
+    def members(selector):
+        return [job for job, factors in jobs.items() if matches(factors, selector)]
+
+    # the table: mean ± sample std (n) of every column, per configuration, from the run dirs
+    checked = 0
+    for config in configs:
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(config.items()))  # the report sorts keys
+        assert len(members(config)) == 3
+        for column in spec.columns:
+            values = [v for v in (hand_values(j, column, threshold) for j in members(config)) if v is not None]
+            cell = table[label][column]
+            if not values:
+                assert cell == "–"
+                continue
+            mean, std, n = CELL.match(cell).groups()
+            digits = {"params_trainable": 0, "train_seconds": 1, "epochs_to_threshold": 1}.get(column, 4)
+            tol = 0.5 * 10 ** -digits + 1e-9
+            assert float(mean.replace(",", "")) == pytest.approx(statistics.fmean(values), abs=tol), (label, column)
+            if column != "params_trainable":
+                assert float(std) == pytest.approx(statistics.stdev(values), abs=tol) and int(n) == len(values)
+            checked += 1
+    assert checked >= len(configs) * (len(spec.columns) - 1)
+
+    # the comparisons: difference, 95 % CI, Welch's / one-sample t, df, p, as computed by hand
+    rows = [line for line in report.split("## Comparisons")[1].split("## Answer")[0].splitlines()
+            if line.startswith("| ") and not line.startswith(("| a ", "| ---"))]
+    assert len(rows) == len(spec.comparisons)
+    for comparison, row in zip(spec.comparisons, rows, strict=True):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        a = [v for v in (hand_values(j, comparison.metric, threshold) for j in members(comparison.a)) if v is not None]
+        if "published" in comparison:
+            diff = statistics.fmean(a) - comparison.published
+            se = statistics.stdev(a) / math.sqrt(len(a))
+            want = {"diff": diff, "t": diff / se if se else math.nan, "df": len(a) - 1}
+            want["p"] = 2 * stats.t.sf(abs(want["t"]), want["df"]) if se else math.nan
+        else:
+            b = [v for v in (hand_values(j, comparison.metric, threshold) for j in members(comparison.b))
+                 if v is not None]
+            flat = statistics.variance(a) == 0 and statistics.variance(b) == 0
+            want = {"diff": statistics.fmean(a) - statistics.fmean(b), "p": math.nan} if flat else welch_by_hand(a, b)
+        digits = 0.05 if comparison.metric == "epochs_to_threshold" else 5e-5
+        assert float(cells[3]) == pytest.approx(want["diff"], abs=digits)
+        if math.isnan(want["p"]):
+            assert cells[5:8] == ["–", "–", "–"] and cells[9] == "no"
+            continue
+        t, df, p = float(cells[5]), float(cells[6]), float(cells[7])
+        assert t == pytest.approx(want["t"], abs=0.006) and df == pytest.approx(want["df"], abs=0.06)
+        assert p == pytest.approx(want["p"], rel=6e-3, abs=1e-12)  # printed with 3 significant digits
+        assert cells[9] == ("yes" if want["p"] < 0.05 else "no")
+    answer = report.split("## Answer")[1]
+    assert answer.count("significant at the 5 % level") >= sum("–" not in r.split("|")[6] for r in rows)
+
+
+def test_a_bad_study_spec_stops_the_sweep_before_training_with_one_line(synthetic_root, tmp_path):
+    sweep = tmp_path / "study"
+    proc = run_module("mnist_lab.train", ["+study=depth", "study.columns=[test/accuracy]", *FAST,
+                                          f"hydra.sweep.dir={sweep}"], synthetic_root, tmp_path)
+    assert proc.returncode == 1
+    assert "error: study depth: unknown value 'test/accuracy'; use one of params_trainable, test/acc" in proc.stderr
+    assert not list(sweep.glob("*/metrics.json"))  # no job ran
+    with pytest.raises(ConfigError, match="selects on 'model.width', which the sweep does not set"):
+        check_spec({"name": "x", "question": "?", "columns": ["test/acc"],
+                    "comparisons": [{"metric": "test/acc", "a": {"model.width": 2}, "b": {"model.depth": 1}}]},
+                   {"model.depth", "seed"})
+    with pytest.raises(ConfigError, match="needs either b .* or published"):
+        check_spec({"name": "x", "question": "?", "columns": ["test/acc"],
+                    "comparisons": [{"metric": "test/acc", "a": {"model.depth": 2}}]}, {"model.depth", "seed"})
