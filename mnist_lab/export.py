@@ -70,7 +70,11 @@ def export_model(model: Classifier, path: str | Path, format: str = "onnx") -> P
 
 def run_exported(path: str | Path, images: torch.Tensor) -> torch.Tensor:
     """Run an exported file on float32 images ``(B, 1, 28, 28)`` in [0, 1] with its own runtime; returns
-    the logits ``(B, num_classes)`` as a CPU tensor. The format is read from the file's suffix."""
+    the logits ``(B, num_classes)`` as a CPU tensor. The format is read from the file's suffix.
+
+    Meant for files this command wrote (its check, notebooks): TorchScript and torch.export files are
+    loaded with their own loaders, which unpickle code, so do not run it on an untrusted file (ONNX
+    through onnxruntime holds no Python code)."""
     path, images = Path(path), images.detach().cpu().float()
     if path.suffix == ".onnx":
         import onnxruntime
