@@ -72,9 +72,9 @@ def run_exported(path: str | Path, images: torch.Tensor) -> torch.Tensor:
     """Run an exported file on float32 images ``(B, 1, 28, 28)`` in [0, 1] with its own runtime; returns
     the logits ``(B, num_classes)`` as a CPU tensor. The format is read from the file's suffix.
 
-    Meant for files this command wrote (its check, notebooks): TorchScript and torch.export files are
-    loaded with their own loaders, which unpickle code, so do not run it on an untrusted file (ONNX
-    through onnxruntime holds no Python code)."""
+    Meant for files this command wrote (its check, notebooks), not for untrusted ones: a TorchScript
+    file carries its own program (``torch.jit.load`` is no safe loader) and a torch.export file its own
+    graph, both run as they are."""
     path, images = Path(path), images.detach().cpu().float()
     if path.suffix == ".onnx":
         import onnxruntime
