@@ -7,6 +7,7 @@ it holds a ``study`` node that every job saves in its ``.hydra/config.yaml``:
 - ``name``, ``question``, ``protocol`` and ``cut`` (what was left out to fit the time budget): text;
 - ``columns``: the per-job values tabulated per configuration as mean ± sample std (n);
 - ``plots``: the sweep summary's figures that answer the question (``robustness.png``, ...);
+- ``names`` (optional): ``[{when: {factor: value}, name: "conv only"}]``, readable names of configurations;
 - ``comparisons``: ``{metric, a: {factor: value}, b: {factor: value}}`` (the difference a − b of the
   means, Welch's unequal-variance t-test) or ``{metric, a: {...}, published: x}`` (a's mean − x, the
   one-sample t-test); the first is the headline;
@@ -70,6 +71,10 @@ def check_spec(spec: dict, factors: set[str]) -> None:
     for metric in [*spec["columns"], *(c.get("metric") for c in spec.get("comparisons", []))]:
         if metric not in VALUES:
             raise ConfigError(f"{where}: unknown value {metric!r}; use one of {', '.join(VALUES)}")
+    for entry in spec.get("names", []):
+        for key in set(entry["when"]) - factors:
+            raise ConfigError(f"{where}: study.names entry {entry['name']!r} selects on {key!r}, which the sweep "
+                              f"does not set; use one of {', '.join(sorted(factors))}")
     for c in spec.get("comparisons", []):
         if ("b" in c) == ("published" in c):
             raise ConfigError(f"{where}: comparison {c} needs either b (a configuration) or published (a number)")
@@ -163,21 +168,35 @@ def _cell(metric: str, values: list[float], n_jobs: int) -> str:
     return cell + (f", {len(values)}/{n_jobs} reached" if metric == "epochs_to_threshold" else "")
 
 
-def _sentence(comparison: dict, result: dict, label: str) -> str:
+def display_name(factors: dict, names: list[dict], short: bool = False) -> str:
+    """A configuration's label in the report: ``"dropout=0.25, dense_dropout=0.0"``, prefixed by the
+    first ``study.names`` entry whose ``when`` it matches (``"conv only (dropout=0.25, ...)"``; with
+    ``short``, the name alone)."""
+    text = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in factors.items()}
+    label = config_label(text)
+    name = next((n["name"] for n in names if matches(text, n["when"])), None)
+    return label if name is None else name if short else f"{name} ({label})"
+
+
+def _sentence(comparison: dict, result: dict, label: str, a: str, b: str, headline: bool) -> str:
+    """The answer's sentence for one comparison: in full for the headline, short for the others."""
     metric = comparison["metric"]
-    versus = (f"the published {comparison['published']}" if "published" in comparison
-              else config_label(comparison["b"]))
-    if result["diff"] == 0:
-        text = f"{label} is the same for {config_label(comparison['a'])} as for {versus}"
+    diff = _fmt(metric, abs(result["diff"]))
+    if headline:
+        if float(diff) == 0:
+            text = f"{label} differs by less than {_fmt(metric, 0.5 * 10 ** -len(diff.split('.')[-1]))} " \
+                   f"between {a} and {b}"
+        else:
+            text = f"{label} is {diff} {'higher' if result['diff'] > 0 else 'lower'} for {a} than for {b}"
     else:
-        direction = "higher" if result["diff"] > 0 else "lower"
-        text = f"{label} is {_fmt(metric, abs(result['diff']))} {direction} for {config_label(comparison['a'])} " \
-               f"than for {versus}"
+        text = f"{a} against {b}, {label}: {_signed(metric, result['diff'])}"
     if math.isnan(result["p"]):
-        return text + (f" (n = {result['n_a']} vs {result['n_b'] or 1}: no t-test, too few runs or no spread)")
+        return text + f" (n = {result['n_a']} vs {result['n_b'] or 1}: no t-test, too few runs or no spread)"
+    ci = f"95 % CI {_signed(metric, result['low'])} to {_signed(metric, result['high'])}"
+    if not headline:
+        return f"{text} ({ci}, p = {result['p']:.3g}{'' if result['significant'] else ', not significant'})"
     test = "Welch's t" if "b" in comparison else "one-sample t"
-    stats_ = (f"difference {_signed(metric, result['diff'])}, 95 % CI {_signed(metric, result['low'])} to "
-              f"{_signed(metric, result['high'])}; {test} = {result['t']:.2f}, "
+    stats_ = (f"difference {_signed(metric, result['diff'])}, {ci}; {test} = {result['t']:.2f}, "
               f"df = {result['df']:.1f}, p = {result['p']:.3g}; n = {result['n_a']}"
               + (f" vs {result['n_b']}" if result["n_b"] else ""))
     verdict = ("significant at the 5 % level" if result["significant"]
@@ -205,7 +224,7 @@ def write_report(sweep_dir: str | Path, spec: dict | None = None) -> Path | None
     rows = collect(sweep_dir)
     if not rows:
         raise FileNotFoundError(f"no Hydra job dirs (*/.hydra/overrides.yaml) under {sweep_dir}")
-    threshold = float(spec.get("threshold", 0.99))
+    threshold, names = float(spec.get("threshold", 0.99)), spec.get("names", [])
     completed = [r for r in rows if r["status"] == "completed"]
     varying = varying_factors(rows)
     configs: dict[tuple, list[dict]] = {}
@@ -234,7 +253,7 @@ def write_report(sweep_dir: str | Path, spec: dict | None = None) -> Path | None
              "| --- |" + " ---: |" * len(spec["columns"])]
     for key, members in configs.items():
         cells = [_cell(c, values(members, c), len(members)) for c in spec["columns"]]
-        lines.append(f"| {config_label(dict(key))} | " + " | ".join(cells) + " |")
+        lines.append(f"| {display_name(dict(key), names)} | " + " | ".join(cells) + " |")
     plots = [p for p in spec.get("plots", []) if (sweep_dir / p).is_file()]
     if plots:
         lines += [""] + [f"![{p.removesuffix('.png').replace('_', ' ')}]({p})" for p in plots]
@@ -250,14 +269,14 @@ def write_report(sweep_dir: str | Path, spec: dict | None = None) -> Path | None
         a = values([r for r in completed if matches(r["factors"], comparison["a"])], metric)
         b = None if "published" in comparison else values(
             [r for r in completed if matches(r["factors"], comparison["b"])], metric)
-        versus = f"published {comparison['published']}" if b is None else config_label(comparison["b"])
+        name_a = display_name(comparison["a"], names)
+        versus = f"published {comparison['published']}" if b is None else display_name(comparison["b"], names)
         if not a or b == []:
             selectors = [comparison["a"], *([comparison["b"]] if b is not None else [])]
             why = ("not in this sweep" if not all(any(matches(r["factors"], s) for r in rows) for s in selectors)
                    else "no completed run with a value")
-            lines.append(f"| {config_label(comparison['a'])} | {versus} | {label(metric)} | – | {why} "
-                         "| – | – | – | – | no |")
-            sentences.append(f"{label(metric)}: {config_label(comparison['a'])} against {versus}: {why}")
+            lines.append(f"| {name_a} | {versus} | {label(metric)} | – | {why} | – | – | – | – | no |")
+            sentences.append(f"{name_a} against {versus}, {label(metric)}: {why}")
             continue
         result = compare(a, b, comparison.get("published"))
         ci = "–" if math.isnan(result["low"]) else f"{_signed(metric, result['low'])} to " \
@@ -265,13 +284,16 @@ def write_report(sweep_dir: str | Path, spec: dict | None = None) -> Path | None
         n = f"{result['n_a']}" + (f" vs {result['n_b']}" if b is not None else "")
         nums = ("–", "–", "–") if math.isnan(result["p"]) else (
             f"{result['t']:.2f}", f"{result['df']:.1f}", f"{result['p']:.3g}")
-        lines.append(f"| {config_label(comparison['a'])} | {versus} | {label(metric)} | "
+        lines.append(f"| {name_a} | {versus} | {label(metric)} | "
                      f"{_signed(metric, result['diff'])} | {ci} | {' | '.join(nums)} | {n} | "
                      f"{'yes' if result['significant'] else 'no'} |")
-        sentences.append(_sentence(comparison, result, label(metric)))
+        short_a, short_b = display_name(comparison["a"], names, short=True), (
+            versus if b is None else display_name(comparison["b"], names, short=True))
+        sentences.append(_sentence(comparison, result, label(metric), short_a, short_b, headline=not sentences))
     if sentences:
         lines += ["", "## Answer", "",
-                  f"Headline: {sentences[0]}." + "".join(f" {s[0].upper()}{s[1:]}." for s in sentences[1:])]
+                  f"Headline: {sentences[0]}."
+                  + (f" Other comparisons (a − b): {'; '.join(sentences[1:])}." if sentences[1:] else "")]
     failed = [r for r in rows if r["status"] != "completed"]
     if failed:
         lines += ["", f"{len(failed)} jobs did not complete and are left out (their errors: summary.md)."]

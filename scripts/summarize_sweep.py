@@ -3,11 +3,15 @@
 for a study (+study=NAME) its report.md (mnist_lab.study).
 
 Usage: python scripts/summarize_sweep.py outputs/sweeps/<time>
+       python scripts/summarize_sweep.py outputs/studies/depth/<time> --study depth   # today's conf/study text
 Works on a finished, partly failed or unfinished sweep; exits 1 if a job did not complete.
 """
 
 import argparse
 import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from mnist_lab.study import study_spec, write_report
 from mnist_lab.sweep import write_summary
@@ -16,9 +20,14 @@ from mnist_lab.sweep import write_summary
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir")
+    parser.add_argument("--study", help="take the study node from conf/study/STUDY.yaml instead of the jobs' saved "
+                        "configs (a report rewritten after the study's text, names or comparisons changed)")
     args = parser.parse_args()
     try:
         spec = study_spec(args.sweep_dir)
+        if args.study:
+            conf = Path(__file__).resolve().parents[1] / "conf" / "study" / f"{args.study}.yaml"
+            spec = OmegaConf.to_container(OmegaConf.load(conf).study)
         result = write_summary(args.sweep_dir, title=f"study: {spec['name']}" if spec else None)
         report = write_report(args.sweep_dir, spec)
     except FileNotFoundError as e:

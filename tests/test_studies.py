@@ -102,7 +102,8 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
     for line in report.split("## Results")[1].split("## Comparisons")[0].splitlines():
         if line.startswith("| ") and not line.startswith(("| configuration", "| ---")):
             cells = [c.strip() for c in line.strip("|").split("|")]
-            table[cells[0]] = dict(zip(spec.columns, cells[1:], strict=True))
+            label = re.sub(r"^.* \((.*)\)$", r"\1", cells[0])  # "conv only (dropout=0.25, ...)": the factors
+            table[label] = dict(zip(spec.columns, cells[1:], strict=True))
     assert len(table) == len(configs)
 
     def members(selector):
@@ -154,8 +155,10 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
         assert t == pytest.approx(want["t"], abs=0.006) and df == pytest.approx(want["df"], abs=0.06)
         assert p == pytest.approx(want["p"], rel=6e-3, abs=1e-12)  # printed with 3 significant digits
         assert cells[9] == ("yes" if want["p"] < 0.05 else "no")
+    # the answer states every tested comparison's p and says which are not significant
     answer = report.split("## Answer")[1]
-    assert answer.count("significant at the 5 % level") >= sum("–" not in r.split("|")[6] for r in rows)
+    tested = [r.split("|")[10].strip() for r in rows if r.split("|")[6].strip() != "–"]
+    assert answer.count("p = ") == len(tested) and answer.count("not significant") == tested.count("no")
 
 
 def test_a_bad_study_spec_stops_the_sweep_before_training_with_one_line(synthetic_root, tmp_path):
