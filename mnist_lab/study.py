@@ -160,7 +160,7 @@ def _signed(metric: str, value: float) -> str:
 
 def _cell(metric: str, values: list[float], n_jobs: int) -> str:
     if not values:
-        return "–"
+        return f"–, 0/{n_jobs} reached" if metric == "epochs_to_threshold" else "–"
     mean, std = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
     if metric == "params_trainable":
         return _fmt(metric, mean)
@@ -238,7 +238,8 @@ def write_report(sweep_dir: str | Path, spec: dict | None = None) -> Path | None
         return LABELS.get(metric, metric).format(threshold=threshold)
 
     grid = {k: sorted({r["factors"].get(k) for r in rows}, key=str) for k in varying}
-    seeds = sorted({r["factors"].get("seed", "") for r in rows}, key=str)
+    seeds = sorted({r["factors"].get("seed", "") for r in rows}, key=lambda s: (len(s), s))  # 2 before 10
+    headline = spec["comparisons"][0]["metric"] if spec.get("comparisons") else spec["columns"][0]
     fixed = sorted({f"{k}={v}" for r in rows for k, v in r["factors"].items() if k not in varying and k != "seed"})
     lines = [f"# Study: {spec['name']}", "", f"**Question.** {spec['question']}", "",
              f"**Protocol.** {spec.get('protocol', '')}", "",
@@ -248,11 +249,15 @@ def write_report(sweep_dir: str | Path, spec: dict | None = None) -> Path | None
              f"**Cut to fit the time budget.** {spec.get('cut', 'nothing')}", "",
              f"Regenerate: `python -m mnist_lab.train +study={spec['name']} +launcher=cpu_parallel` (then "
              f"`python scripts/summarize_sweep.py SWEEP_DIR` rewrites this report from the run dirs).", "",
-             "## Results", "", "Mean ± sample std (n = runs with a value) over seeds.", "",
-             "| configuration | " + " | ".join(label(c) for c in spec["columns"]) + " |",
-             "| --- |" + " ---: |" * len(spec["columns"])]
+             "## Results", "", "Mean ± sample std (n = runs with a value) over seeds; the last column lists "
+             "the headline value of every run, by seed (– : no value).", "",
+             "| configuration | " + " | ".join(label(c) for c in spec["columns"])
+             + f" | {label(headline)} per seed ({', '.join(seeds)}) |",
+             "| --- |" + " ---: |" * len(spec["columns"]) + " --- |"]
     for key, members in configs.items():
         cells = [_cell(c, values(members, c), len(members)) for c in spec["columns"]]
+        by_seed = {m["factors"].get("seed", ""): job_value(m, headline, threshold) for m in members}
+        cells.append(", ".join("–" if by_seed.get(seed) is None else _fmt(headline, by_seed[seed]) for seed in seeds))
         lines.append(f"| {display_name(dict(key), names)} | " + " | ".join(cells) + " |")
     plots = [p for p in spec.get("plots", []) if (sweep_dir / p).is_file()]
     if plots:

@@ -103,7 +103,7 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
         if line.startswith("| ") and not line.startswith(("| configuration", "| ---")):
             cells = [c.strip() for c in line.strip("|").split("|")]
             label = re.sub(r"^.* \((.*)\)$", r"\1", cells[0])  # "conv only (dropout=0.25, ...)": the factors
-            table[label] = dict(zip(spec.columns, cells[1:], strict=True))
+            table[label] = dict(zip([*spec.columns, "per seed"], cells[1:], strict=True))
     assert len(table) == len(configs)
 
     def members(selector):
@@ -118,7 +118,7 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
             values = [v for v in (hand_values(j, column, threshold) for j in members(config)) if v is not None]
             cell = table[label][column]
             if not values:
-                assert cell == "–"
+                assert cell == ("–, 0/3 reached" if column == "epochs_to_threshold" else "–")
                 continue
             mean, std, n = CELL.match(cell).groups()
             digits = {"params_trainable": 0, "train_seconds": 1, "epochs_to_threshold": 1}.get(column, 4)
@@ -127,6 +127,15 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
             if column != "params_trainable":
                 assert float(std) == pytest.approx(statistics.stdev(values), abs=tol) and int(n) == len(values)
             checked += 1
+        # the headline value of each run, by seed
+        headline = spec.comparisons[0].metric
+        by_seed = {jobs[j]["seed"]: hand_values(j, headline, threshold) for j in members(config)}
+        listed = table[label]["per seed"].split(", ")
+        assert [x == "–" for x in listed] == [by_seed[s] is None for s in ("0", "1", "2")]
+        for text, seed in zip(listed, ("0", "1", "2"), strict=True):
+            if text != "–":
+                assert float(text.replace(",", "")) == pytest.approx(by_seed[seed], abs=0.05 if headline in (
+                    "train_seconds", "epochs_to_threshold") else 5e-5)
     assert checked >= len(configs) * (len(spec.columns) - 1)
 
     # the comparisons: difference, 95 % CI, Welch's / one-sample t, df, p, as computed by hand
