@@ -155,6 +155,30 @@ def plot_val_curves(groups: list[dict], path: str | Path, title: str = "") -> Pa
     return _save(fig, path)
 
 
+def plot_run_curves(runs: dict[str, list[dict[int, float]]], metric: str, path: str | Path, title: str = "",
+                    log: bool = True) -> Path:
+    """``runs_<metric>.png``: ``metric`` per epoch for every run (one thin line a seed), one colour per
+    configuration; log scale by default, so a collapsed run does not flatten the others. ``runs``:
+    configuration label -> one ``{epoch (0-based): value}`` per run."""
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    for i, (label, curves) in enumerate(runs.items()):
+        for j, curve in enumerate(curves):
+            epochs = sorted(curve)
+            ax.plot([e + 1 for e in epochs], [curve[e] for e in epochs], "o-", ms=2.5, lw=1, alpha=0.8,
+                    color=f"C{i % 10}", label=label if j == 0 else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{metric} (every run{', log scale' if log else ''})")
+    if log:
+        ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_train_val_gap(groups: list[dict], path: str | Path, title: str = "") -> Path:
     """``train_val_gap.png``: last-epoch train accuracy minus val accuracy per configuration
     (train accuracy is measured in train mode, i.e. with dropout and augmentation on)."""

@@ -7,6 +7,7 @@ it holds a ``study`` node that every job saves in its ``.hydra/config.yaml``:
 - ``name``, ``question``, ``protocol`` and ``cut`` (what was left out to fit the time budget): text;
 - ``columns``: the per-job values tabulated per configuration as mean ± sample std (n);
 - ``plots``: the sweep summary's figures that answer the question (``robustness.png``, ...);
+- ``run_curves`` (optional): per-epoch metrics (``val/loss``) drawn for every run, ``runs_val_loss.png``;
 - ``names`` (optional): ``[{when: {factor: value}, name: "conv only"}]``, readable names of configurations;
 - ``comparisons``: ``{metric, a: {factor: value}, b: {factor: value}}`` (the difference a − b of the
   means, Welch's unequal-variance t-test) or ``{metric, a: {...}, published: x}`` (a's mean − x, the
@@ -35,6 +36,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from mnist_lab.errors import ConfigError
+from mnist_lab.plots import plot_run_curves
 from mnist_lab.rundir import write_text_atomic
 from mnist_lab.sweep import METRICS, collect, config_label, varying_factors
 
@@ -259,6 +261,12 @@ def write_report(sweep_dir: str | Path, spec: dict | None = None) -> Path | None
         by_seed = {m["factors"].get("seed", ""): job_value(m, headline, threshold) for m in members}
         cells.append(", ".join("–" if by_seed.get(seed) is None else _fmt(headline, by_seed[seed]) for seed in seeds))
         lines.append(f"| {display_name(dict(key), names)} | " + " | ".join(cells) + " |")
+    for metric in spec.get("run_curves", []):  # every run's curve, e.g. val/loss per epoch
+        runs = {display_name(dict(key), names, short=True): [m["history"].get(metric, {}) for m in members]
+                for key, members in configs.items()}
+        name = f"runs_{metric.replace('/', '_')}.png"
+        plot_run_curves(runs, metric, sweep_dir / name, title=f"study: {spec['name']}")
+        spec = {**spec, "plots": [*spec.get("plots", []), name]}
     plots = [p for p in spec.get("plots", []) if (sweep_dir / p).is_file()]
     if plots:
         lines += [""] + [f"![{p.removesuffix('.png').replace('_', ' ')}]({p})" for p in plots]

@@ -98,6 +98,8 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
 
     report = (sweep / "report.md").read_text()
     assert spec.question.split()[0] in report and "**Cut to fit the time budget.**" in report
+    for png in [*spec.plots, *(f"runs_{m.replace('/', '_')}.png" for m in spec.get("run_curves", []))]:
+        assert f"]({png})" in report and (sweep / png).stat().st_size > 10_000
     table = {}
     for line in report.split("## Results")[1].split("## Comparisons")[0].splitlines():
         if line.startswith("| ") and not line.startswith(("| configuration", "| ---")):
