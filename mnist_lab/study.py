@@ -29,6 +29,7 @@ with ``python scripts/summarize_sweep.py SWEEP_DIR``.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import warnings
 from pathlib import Path
@@ -50,8 +51,10 @@ LABELS = {
     "epochs_to_threshold": "epochs to val acc ≥ {threshold}",
 }
 ALPHA = 0.05
-#: Per-job values a study can tabulate and compare.
+#: Per-job values a study can tabulate and compare, besides ``robustness/<kind>_<strength>``: any point of
+#: the run's ``robustness.json`` (``robustness/noise_0.3``: accuracy under Gaussian noise of std 0.3).
 VALUES = (*METRICS, "gap", "val_loss_epoch1", "epochs_to_threshold")
+ROBUST = re.compile(r"robustness/([a-z]+)_([\d.]+)")
 
 
 def check_spec(spec: dict, factors: set[str]) -> None:
@@ -71,8 +74,9 @@ def check_spec(spec: dict, factors: set[str]) -> None:
         if not spec.get(key):
             raise ConfigError(f"{where}: study.{key} is missing; every study needs name, question and columns")
     for metric in [*spec["columns"], *(c.get("metric") for c in spec.get("comparisons", []))]:
-        if metric not in VALUES:
-            raise ConfigError(f"{where}: unknown value {metric!r}; use one of {', '.join(VALUES)}")
+        if metric not in VALUES and not ROBUST.fullmatch(str(metric)):
+            raise ConfigError(f"{where}: unknown value {metric!r}; use one of {', '.join(VALUES)} or "
+                              "robustness/<kind>_<strength> (e.g. robustness/noise_0.3)")
     for entry in spec.get("names", []):
         for key in set(entry["when"]) - factors:
             raise ConfigError(f"{where}: study.names entry {entry['name']!r} selects on {key!r}, which the sweep "
@@ -107,6 +111,9 @@ def job_value(row: dict, metric: str, threshold: float = 0.99) -> float | None:
     if metric == "epochs_to_threshold":
         reached = [epoch for epoch, acc in history.get("val/acc", {}).items() if acc >= threshold]
         return min(reached) + 1 if reached else None
+    if row.get(metric) is None and ROBUST.fullmatch(metric):  # any point of robustness.json
+        kind, strength = ROBUST.fullmatch(metric).groups()
+        return row["robustness"].get(kind, {}).get(strength)
     return row.get(metric)
 
 
@@ -237,6 +244,8 @@ def write_report(sweep_dir: str | Path, spec: dict | None = None) -> Path | None
         return [v for v in (job_value(m, metric, threshold) for m in members) if v is not None]
 
     def label(metric: str) -> str:
+        if metric not in LABELS and ROBUST.fullmatch(metric):
+            return "acc, {} {}".format(*ROBUST.fullmatch(metric).groups())
         return LABELS.get(metric, metric).format(threshold=threshold)
 
     grid = {k: sorted({r["factors"].get(k) for r in rows}, key=str) for k in varying}

@@ -34,6 +34,8 @@ def hand_values(job: Path, metric: str, threshold: float) -> float | None:
         return float(epochs[0]["val/loss"])
     if metric == "epochs_to_threshold":
         return next((i + 1 for i, r in enumerate(epochs) if float(r["val/acc"]) >= threshold), None)
+    if metric == "robustness/noise_0.3":
+        return json.loads((job / "robustness.json").read_text())["accuracy"]["noise"]["0.3"]
     return metrics.get(metric)
 
 
