@@ -188,3 +188,14 @@ def test_a_bad_study_spec_stops_the_sweep_before_training_with_one_line(syntheti
     with pytest.raises(ConfigError, match="needs either b .* or published"):
         check_spec({"name": "x", "question": "?", "columns": ["test/acc"],
                     "comparisons": [{"metric": "test/acc", "a": {"model.depth": 2}}]}, {"model.depth", "seed"})
+
+
+def test_a_narrowed_study_reports_the_comparisons_it_cannot_make(synthetic_root, tmp_path):
+    sweep = tmp_path / "study"
+    proc = run_module("mnist_lab.train", ["+study=depth", "model.depth=0,2", "seed=0,1", *FAST,
+                                          f"hydra.sweep.dir={sweep}"], synthetic_root, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (sweep / "report.md").read_text()
+    assert "model.depth ∈ {0, 2}; seeds 0, 1: 4 jobs, 4 completed" in report
+    assert report.count("| not in this sweep |") == 3  # every comparison needs depth 1 or 3
+    assert "Headline: depth=1 against depth=0, test acc: not in this sweep." in report
