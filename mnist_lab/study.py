@@ -17,13 +17,14 @@ it holds a ``study`` node that every job saves in its ``.hydra/config.yaml``:
 Per-job values are the ``metrics.json`` figures of :data:`mnist_lab.sweep.METRICS` and three derived
 from the run: ``gap`` (last-epoch train accuracy − val accuracy), ``val_loss_epoch1`` (val loss after
 the first epoch) and ``epochs_to_threshold`` (the first 1-based epoch whose val accuracy reaches
-``threshold``; a run that never reaches it has no value and is counted as "not reached").
+``threshold``; a run that never reaches it has no value and is counted as "not reached"), and any
+point of the run's ``robustness.json`` as ``robustness/<kind>_<strength>`` (``robustness/noise_0.3``).
 
 Confidence intervals are 95 % t intervals of the difference (Welch–Satterthwaite degrees of freedom
 for two groups), from :func:`scipy.stats.ttest_ind` (``equal_var=False``) and
 :func:`scipy.stats.ttest_1samp`. A difference is called significant when p < 0.05 (two-sided).
 :func:`write_report` runs when a study's multirun ends (``mnist_lab.sweep.SweepSummary``) and by hand
-with ``python scripts/summarize_sweep.py SWEEP_DIR``.
+with ``python scripts/summarize_sweep.py SWEEP_DIR`` (``--study NAME``: with today's ``conf/study`` text).
 """
 
 from __future__ import annotations
