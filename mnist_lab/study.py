@@ -214,9 +214,10 @@ def _sentence(comparison: dict, result: dict, label: str, a: str, b: str, headli
     return f"{text} ({stats_}): {verdict}"
 
 
-def write_report(sweep_dir: str | Path, spec: dict | None = None) -> Path | None:
+def write_report(sweep_dir: str | Path, spec: dict | None = None, rows: list[dict] | None = None) -> Path | None:
     """Write ``report.md`` into a study's sweep dir (after :func:`mnist_lab.sweep.write_summary`, whose
-    plots it links). ``spec``: the ``study`` node; None reads it from the jobs' saved configs.
+    plots it links). ``spec``: the ``study`` node; None reads it from the jobs' saved configs. ``rows``:
+    the jobs as :func:`mnist_lab.sweep.collect` read them (``write_summary(...)["rows"]``); None reads them.
 
     Returns:
         The report's path, or None when the sweep is not a study.
@@ -231,7 +232,7 @@ def write_report(sweep_dir: str | Path, spec: dict | None = None) -> Path | None
     spec = spec or study_spec(sweep_dir)
     if spec is None:
         return None
-    rows = collect(sweep_dir)
+    rows = collect(sweep_dir) if rows is None else rows
     if not rows:
         raise FileNotFoundError(f"no Hydra job dirs (*/.hydra/overrides.yaml) under {sweep_dir}")
     threshold, names = float(spec.get("threshold", 0.99)), spec.get("names", [])

@@ -274,7 +274,7 @@ class SweepSummary(Callback):
             print(f"sweep dir: {sweep_dir}")
             print(f"summary: {sweep_dir / 'summary.md'} ({len(result['rows'])} jobs)")
             if study is not None:
-                report = write_report(sweep_dir, OmegaConf.to_container(study, resolve=True))
+                report = write_report(sweep_dir, OmegaConf.to_container(study, resolve=True), result["rows"])
                 print(f"report: {report}")
         except Exception as e:  # noqa: BLE001 - reported, and the exit code says it
             print(f"error: the sweep summary of {sweep_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)

@@ -29,7 +29,7 @@ def main() -> int:
             conf = Path(__file__).resolve().parents[1] / "conf" / "study" / f"{args.study}.yaml"
             spec = OmegaConf.to_container(OmegaConf.load(conf).study)
         result = write_summary(args.sweep_dir, title=f"study: {spec['name']}" if spec else None)
-        report = write_report(args.sweep_dir, spec)
+        report = write_report(args.sweep_dir, spec, result["rows"]) if spec else None
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
