@@ -7,18 +7,22 @@ Notebook use::
     model = Classifier(model_config("conv2", dropout=0.25))   # or any nn.Module
     lightning.Trainer(max_epochs=5).fit(model, dm)
 
-A checkpoint describes its model: ``Classifier.load_from_checkpoint(path)`` maps images in [0, 1]
-to logits. The whole CLI run, with its run dir: ``train(load_config(["model=conv2", "+aug=true"]))``
-(and ``resume(run_dir)`` for a run that was killed); the evaluation suite:
-``model, dm = load_checkpoint(path); evaluate_model(model, dm)``.
+A checkpoint describes its model and data: ``Classifier.load_from_checkpoint(path)`` maps images in
+[0, 1] to logits, ``MNISTDataModule.load_from_checkpoint(path)`` is the data it was trained on. The
+whole CLI run, with its run dir: ``train(load_config(["model=conv2", "+aug=true"]))`` (and
+``resume(run_dir)`` for a run that was killed); the evaluation suite (``Trainer.test``):
+``evaluate_model(model, dm)``; logits (``Trainer.predict``): ``mnist_lab.evaluate.predict(model, images)``.
 """
 
 import importlib
 import sys
 
+from mnist_lab._version import __version__
 from mnist_lab.config import load_config
 from mnist_lab.data import MNISTDataModule
 from mnist_lab.errors import ConfigError, DataError, MnistLabError
+from mnist_lab.evaluation import EvaluationSuite
+from mnist_lab.metrics import calibration, error_analysis, fit_temperature
 from mnist_lab.models import ConvNet, build_model, count_parameters, list_presets, model_config
 from mnist_lab.module import Classifier
 from mnist_lab.rundir import RunDir
@@ -31,8 +35,8 @@ from mnist_lab.transforms import RandomAffineBatch, to_unit
 if sys.argv[:1] != ["-m"]:
     from mnist_lab.train import resume, train
 _LAZY = {
-    **dict.fromkeys(["calibration", "error_analysis", "evaluate_checkpoint", "evaluate_model", "evaluate_robustness",
-                     "fit_temperature", "load_checkpoint", "predict_logits"], "mnist_lab.evaluate"),
+    **dict.fromkeys(["evaluate_checkpoint", "evaluate_model", "evaluate_robustness", "load_checkpoint",
+                     "predict_logits"], "mnist_lab.evaluate"),
     **dict.fromkeys(["predict_files", "to_mnist_form"], "mnist_lab.predict"),
 }
 
@@ -44,8 +48,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Classifier", "ConfigError", "ConvNet", "DataError", "MNISTDataModule", "MnistLabError", "RandomAffineBatch",
-    "RunDir", "build_model", "calibration", "count_parameters", "error_analysis", "evaluate_checkpoint",
-    "evaluate_model", "evaluate_robustness", "fit_temperature", "list_presets", "load_checkpoint", "load_config",
-    "model_config", "predict_files", "predict_logits", "resume", "to_mnist_form", "to_unit", "train",
+    "__version__", "Classifier", "ConfigError", "ConvNet", "DataError", "EvaluationSuite", "MNISTDataModule",
+    "MnistLabError", "RandomAffineBatch", "RunDir", "build_model", "calibration", "count_parameters",
+    "error_analysis", "evaluate_checkpoint", "evaluate_model", "evaluate_robustness", "fit_temperature",
+    "list_presets", "load_checkpoint", "load_config", "model_config", "predict_files", "predict_logits",
+    "resume", "to_mnist_form", "to_unit", "train",
 ]

@@ -1,41 +1,38 @@
-"""The callbacks mnist_lab adds to a run: two for Lightning (exact resume, a stop on divergence)
-and one for Hydra (a run dir is never reused).
-
-Everything else (checkpoints, early stopping, timing, progress) is Lightning's own callbacks; all of
-them are ``_target_`` nodes under ``callbacks:`` (``conf/callbacks/default.yaml``).
+"""The Lightning callbacks mnist_lab adds to a run: the run dir through Lightning's hooks
+(:class:`RunRecord`), exact resume (:class:`ResumeState`) and a stop on divergence (:class:`DivergenceGuard`).
+The rest (checkpoints, early stopping, timing, progress) are Lightning's, in ``conf/callbacks/default.yaml``.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from hydra.experimental.callback import Callback as HydraCallback
-from lightning.pytorch.callbacks import EarlyStopping
+from lightning.pytorch.callbacks import EarlyStopping, Timer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from omegaconf import DictConfig, OmegaConf
 
-from mnist_lab.errors import ConfigError, TrainingDiverged, exit_with
-from mnist_lab.rundir import RunDir, check_writable
+from mnist_lab.errors import ConfigError, RunInterrupted, TrainingDiverged
+from mnist_lab.models import count_parameters
+from mnist_lab.plots import plot_curves, plot_samples
+from mnist_lab.rundir import RunCSVLogger, RunDir, provenance, read_epoch_metrics, write_json, write_text_atomic
 
 
 class ResumeState(L.Callback):
-    """What a checkpoint needs, beyond Lightning's own state, for a resumed run to continue exactly
-    as the uninterrupted run would have.
-
-    - RNG states: torch (CPU and every CUDA device), numpy and Python ``random`` are saved in every
-      checkpoint and restored on resume, so dropout masks after the resume are the ones the
-      uninterrupted run draws. (Shuffling and augmentation use their own per-epoch generators, see
-      :class:`mnist_lab.data.InMemoryBatches`.)
-    - Logs: the loggers are flushed at the start of every epoch, so ``metrics.csv`` on disk holds
-      every completed epoch when a run is killed (Lightning otherwise writes every 50 steps).
-    - Early stopping: a run that early stopping had already ended (and was killed while testing)
-      does not train one more epoch when resumed.
-    """
+    """What a checkpoint needs, beyond Lightning's state, for a resumed run to continue exactly as the
+    uninterrupted run: the torch (CPU, CUDA), numpy and Python RNG states, so dropout masks after the
+    resume are the same (shuffling and augmentation have their own per-epoch generators); and a run
+    that early stopping had ended (killed while testing) trains no further epoch when resumed."""
 
     def state_dict(self) -> dict:
         # tensors, ints and tuples only: checkpoints stay loadable with torch.load(weights_only=True)
@@ -59,28 +56,19 @@ class ResumeState(L.Callback):
         if any(isinstance(cb, EarlyStopping) and cb.stopped_epoch > 0 for cb in trainer.callbacks):
             trainer.should_stop = True
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for logger in trainer.loggers:
-            logger.save()
-
 
 class DivergenceGuard(L.Callback):
     """Stop training with :class:`~mnist_lab.errors.TrainingDiverged` when the training loss is NaN,
-    inf, or above ``max_loss``.
+    inf, or above ``max_loss``: with Adam at ``optimizer.lr=1e6`` the mean cross-entropy jumps to
+    1e15-1e30 within two steps and stays finite, while a healthy run starts at ln(10) = 2.3.
 
-    ``max_loss`` catches the divergence that stays finite: with Adam at ``optimizer.lr=1e6`` the
-    mean cross-entropy jumps to 1e15-1e30 within two steps (fc, conv2 on MNIST) and never becomes
-    NaN. A healthy run starts at ln(10) = 2.3 and only goes down; a batch mean of 1e4 means logit
-    margins of ~1e4 on wrong answers, i.e. weights that have blown up.
-
-    The check runs every ``check_every_n_steps`` optimizer steps and always before validation and
-    at the end of an epoch, i.e. before any checkpoint of the diverged weights could be written:
-    ``checkpoints/last.ckpt`` keeps the last good epoch. Each check reads one flag from the device
-    (a host sync): free on a CPU; on a GPU a larger interval keeps the step loop asynchronous.
+    The check runs every ``check_every_n_steps`` optimizer steps and always before validation and at
+    the end of an epoch, so no checkpoint of diverged weights is written. Each check reads one flag
+    from the device (a host sync): on a GPU a larger interval keeps the step loop asynchronous.
 
     Args:
         check_every_n_steps: steps between checks (1: every step, so the message names the step).
-        max_loss: a batch's mean training loss above this counts as divergence (``null``: NaN/inf only).
+        max_loss: a batch's mean training loss above this is divergence (``null``: NaN/inf only).
 
     Raises:
         TrainingDiverged: from the step loop, with the epoch, step, loss, learning rate and the fix.
@@ -99,11 +87,6 @@ class DivergenceGuard(L.Callback):
         if loss is None:
             return
         self._loss = loss.detach()  # (), or (K,) for K mini-batch steps in one training step
-        if self.every == 1:  # one read per step: a few microseconds on a CPU
-            values = self._loss.flatten().tolist()
-            if any(not math.isfinite(v) or (self.max_loss is not None and v > self.max_loss) for v in values):
-                self._raise(trainer)
-            return
         bad = ~torch.isfinite(self._loss).all()  # on the device, read at the next check
         if self.max_loss is not None:
             bad = bad | (self._loss > self.max_loss).any()
@@ -137,38 +120,122 @@ class DivergenceGuard(L.Callback):
             "Lower optimizer.lr (e.g. by 10x), or clip gradients with trainer.gradient_clip_val=1.0.",
             epoch=trainer.current_epoch, step=trainer.global_step, lr=lr)
 
-
     def _worst(self) -> float:
         values = self._loss.flatten().tolist()
         return next((v for v in values if not math.isfinite(v)), max(values))
 
 
-class RunDirGuard(HydraCallback):
-    """Hydra callback: before Hydra writes anything, refuse (exit code 2, one line) a run dir
-    (``hydra.run.dir=...``) that holds an earlier run, a sweep dir that holds an earlier sweep, and
-    a dir that cannot be written."""
+class RunRecord(L.Callback):
+    """The run dir, written through Lightning's hooks (by rank 0):
 
-    def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        if rank_zero_only.rank != 0:  # DDP: rank 0 already made the run dir
+    - fit starts: ``config.yaml`` (the resolved ``config``) and ``samples.png``; a resumed run keeps its own;
+    - a checkpoint is restored (``resume=``): ``metrics.csv`` keeps its rows up to that epoch;
+    - an exception: ``metrics.json`` gets the ``status`` (``diverged``, ``interrupted`` with the resume
+      command, or ``failed``) and the error; for an interrupt, :attr:`interruption` is what to raise;
+    - the test ends: ``metrics.json`` (status ``completed``, every ``test/``, ``robustness/`` figure the
+      test logged, the best and last epochs' figures, parameters, FLOPs, timings, data and provenance),
+      ``curves.png``, and the run's settings and results in TensorBoard's HPARAMS tab.
+
+    Args:
+        config: the run's resolved config; ``config.run_dir`` is the run dir.
+        resuming: the run continues from a checkpoint of its own (its files are kept; a failure leaves its
+            earlier status as it was).
+    """
+
+    def __init__(self, config: DictConfig, resuming: bool = False):
+        self.config, self.resuming, self.run = config, resuming, RunDir(config.run_dir)
+        self.metrics: dict = {"status": "completed"}  # metrics.json, once the test has ended
+        self.interruption: RunInterrupted | None = None
+        self._recorded = False
+
+    @contextmanager
+    def recording(self) -> Iterator[RunRecord]:
+        """Around a whole run (lightning-hydra-template's ``task_wrapper``): an error before fit starts
+        (while objects are built) writes ``status: failed``; Lightning's answer to an interrupt
+        (``sys.exit(1)`` after Ctrl-C, ``SIGTERMException``) becomes the :class:`RunInterrupted` error,
+        and Lightning's refusal of a setting (``MisconfigurationException``) a :class:`ConfigError`."""
+        try:
+            yield self
+        except SystemExit:  # SIGTERMException is one
+            if self.interruption is None:
+                raise
+            raise self.interruption from None
+        except MisconfigurationException as e:
+            if not self._recorded and not self.resuming:
+                self._status("failed", e)
+            raise ConfigError(f"Lightning refuses these settings: {e}") from None
+        except Exception as e:
+            if not self._recorded and not self.resuming:
+                self._status("failed", e)
+            raise
+
+    def _status(self, status: str, error: BaseException | str, **extra) -> None:
+        self._recorded = True
+        if rank_zero_only.rank == 0:
+            self.run.write_status(status, error, **extra)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or self.resuming:
             return
-        run_dir = Path(config.hydra.run.dir)
-        try:
-            if not config.get("resume"):
-                RunDir(run_dir).check_new()
-            elif not run_dir.is_dir():
-                raise ConfigError(f"resume={run_dir}: there is no such run dir")
-            else:
-                check_writable(run_dir)
-        except ConfigError as e:
-            exit_with(e)
+        write_text_atomic(self.run.config, OmegaConf.to_yaml(self.config, resolve=True))
+        if self.config.plots:
+            x, y = trainer.datamodule.splits["train"]
+            plot_samples(x[:25], y[:25], self.run.path / "samples.png", title="first 25 training digits")
 
-    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        try:
-            if sweep_dir.is_dir() and next(sweep_dir.rglob(".hydra/overrides.yaml"), None) is not None:
-                raise ConfigError(f"the sweep dir {sweep_dir} already holds a sweep; give a new hydra.sweep.dir "
-                                  "(or leave it out for a fresh outputs/sweeps/<date>_<time>). Resume its jobs "
-                                  "one at a time with resume=<job dir>")
-            check_writable(sweep_dir, "sweep dir", "hydra.sweep.dir=...")
-        except ConfigError as e:
-            exit_with(e)
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:  # Trainer.test restores the tested checkpoint too
+            return
+        for logger in trainer.loggers if trainer.is_global_zero else ():
+            if isinstance(logger, RunCSVLogger):
+                logger.keep_epochs(int(checkpoint["epoch"]))
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        last = self.run.checkpoint("last")
+        if isinstance(exception, TrainingDiverged):
+            self._status("diverged", exception, epoch=exception.epoch, step=exception.step, lr=exception.lr,
+                         last_good_checkpoint=os.path.relpath(last, self.run.path) if last.is_file() else None)
+        elif isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            signal_name = "SIGTERM" if isinstance(exception, SIGTERMException) else "SIGINT"
+            command = f"python -m mnist_lab.train resume={self.run.path}"
+            message = (f"stopped by {signal_name}. The last complete epoch is in {last}; continue with: {command}"
+                       if last.is_file() else
+                       f"stopped by {signal_name} before the first epoch ended, so there is no checkpoint to "
+                       f"resume from; start the run again (its settings: {self.run.config})")
+            self.interruption = RunInterrupted(message, signal_name)
+            self._status("interrupted", message, resume=command if last.is_file() else None)
+        elif not self.resuming:  # a failed resume leaves the run's earlier status as it was
+            self._status("failed", exception)
+        self._recorded = True
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        history = read_epoch_metrics(self.run.history)
+        val_loss = history.get("val/loss", {})
+        best, last = (min(val_loss, key=val_loss.get), max(val_loss)) if val_loss else (None, None)
+        timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
+        seconds, epochs, net = timer.time_elapsed("train"), trainer.current_epoch, getattr(pl_module, "net", pl_module)
+        self.metrics = {
+            "status": "completed", "model": getattr(pl_module, "name", type(net).__name__),
+            "architecture": type(net).__name__,
+            **{k: float(v) for k, v in trainer.callback_metrics.items()
+               if k.startswith(("test/", "robustness/")) or k == "temperature"},
+            "best_epoch": best,
+            **{f"best_{k}": history[k].get(best) for k in ("val/loss", "val/acc", "val/f1_macro") if k in history},
+            **{f"last_{k}": history[k].get(last) for k in ("train/loss", "train/acc", "val/loss", "val/acc")
+               if k in history},
+            "params_trainable": count_parameters(net), "flops_per_image": pl_module.flops_per_image(),
+            "train_seconds": round(seconds, 3), "seconds_per_epoch": round(seconds / max(epochs, 1), 3),
+            "epochs": epochs, "seed": self.config.seed, **trainer.datamodule.describe(),
+            "test_ckpt": os.path.relpath(trainer.ckpt_path, self.run.path) if trainer.ckpt_path else None,
+            "device": str(trainer.strategy.root_device), **provenance(trainer.strategy.root_device),
+            "run_dir": str(self.run.path),
+        }
+        write_json(self.run.metrics, self.metrics)
+        settings = {**pl_module.hparams, "data": trainer.datamodule.hparams, "seed": self.config.seed, "epochs": epochs}
+        results = {f"hparams/{k}": self.metrics[k] for k in ("best_val/acc", "test/acc") if k in self.metrics}
+        for logger in trainer.loggers:  # TensorBoard's HPARAMS tab: the run's settings against its results
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(settings, results)
+        if self.config.plots and ("train/loss" in history or "val/loss" in history):
+            plot_curves(self.run.history, self.run.path / "curves.png", title=self.metrics["model"])

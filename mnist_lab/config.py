@@ -22,8 +22,10 @@ from mnist_lab.errors import ConfigError, MnistLabError
 OmegaConf.register_new_resolver("mnist_lab.if_resume", lambda resume, then, otherwise: then if resume else otherwise,
                                 replace=True)
 
-#: The project's config folder (``conf/`` at the repository root; install with ``pip install -e .``).
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+_PACKAGE = Path(__file__).resolve().parent
+#: The project's config folder: ``mnist_lab/conf`` in an installed wheel (``pyproject.toml`` maps the
+#: repository's ``conf/`` there), else ``conf/`` beside the package (a clone, or ``pip install -e .``).
+CONF_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf"
 
 
 def load_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
@@ -94,3 +96,10 @@ def build(cfg, key: str, base: type | tuple[type, ...], **kwargs):
         if chain and isinstance(chain[-1], ValueError | TypeError | MisconfigurationException):
             raise ConfigError(f"{key}: {chain[-1]} (fix the {key}.* values)") from None
         raise
+
+
+def build_all(nodes, key: str, base: type) -> dict:
+    """``{name: object}`` of a group's ``_target_`` nodes (``callbacks``, ``logger``), built with :func:`build`
+    in order; ``null`` entries (``callbacks.early_stopping=null``) are skipped."""
+    return {name: build(node, f"{key}.{name}", base=base) for name, node in (nodes or {}).items() if node is not None}
+

@@ -50,6 +50,18 @@ class RunInterrupted(MnistLabError, RuntimeError):
         self.exit_code = 143 if signal_name == "SIGTERM" else 130
 
 
+def check_rate(key: str, p: float) -> float:
+    """A probability of zeroing a unit (a dropout rate) checked to lie in [0, 1); returns it as a float.
+
+    Raises:
+        ConfigError: ``p`` outside [0, 1); the message names ``key`` (e.g. ``model.dropout``) and the fix.
+    """
+    if not 0.0 <= p < 1.0:
+        raise ConfigError(f"{key}={p} is outside [0, 1): it is the probability of zeroing a unit; use e.g. "
+                          f"{key}=0.25 (0 turns it off)")
+    return float(p)
+
+
 def exit_with(error: MnistLabError) -> NoReturn:
     """The command-line answer to a :class:`MnistLabError`: ``error: <message>`` on stderr, no
     traceback, and the process exits with the error's ``exit_code``."""

@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from mnist_lab.config import CONF_DIR
+from mnist_lab.console import quiet_lightning
 from mnist_lab.errors import ConfigError, MnistLabError, exit_with
-from mnist_lab.evaluate import load_checkpoint
 from mnist_lab.module import Classifier
-from mnist_lab.rundir import RunDir
+from mnist_lab.rundir import given_checkpoints
 
 #: format -> file suffix
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "pt2": ".pt2"}
@@ -89,17 +90,16 @@ def run_exported(path: str | Path, images: torch.Tensor) -> torch.Tensor:
         return torch.export.load(str(path)).module()(images)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
 def main(cfg: DictConfig) -> None:
     """``python -m mnist_lab.export ckpt_path=PATH | run_dir=PATH [format=onnx] [output=FILE]``."""
+    quiet_lightning()
     try:
-        if bool(cfg.ckpt_path) == bool(cfg.run_dir):
-            raise ConfigError("give exactly one of ckpt_path=<file.ckpt> or run_dir=<run dir>")
-        ckpt = Path(cfg.ckpt_path) if cfg.ckpt_path else RunDir(cfg.run_dir).tested_checkpoint()
-        if cfg.format not in FORMATS:
-            raise ConfigError(f"format={cfg.format!r} is not one of {', '.join(FORMATS)}")
-        model, _ = load_checkpoint(ckpt, device="cpu")
-        path = export_model(model, cfg.output or ckpt.with_suffix(FORMATS[cfg.format]), cfg.format)
+        ckpts = given_checkpoints(cfg.ckpt_path, cfg.run_dir)
+        if len(ckpts) > 1:
+            raise ConfigError("export writes one model: give one ckpt_path or run_dir, not a list")
+        model = Classifier.load_from_checkpoint(ckpts[0], map_location="cpu")
+        path = export_model(model, cfg.output or ckpts[0].with_suffix(FORMATS.get(cfg.format, "")), cfg.format)
     except MnistLabError as e:
         exit_with(e)
     images = torch.rand(cfg.check_images, 1, 28, 28, generator=torch.Generator().manual_seed(0))

@@ -1,39 +1,34 @@
 """Classifier: the one LightningModule, wrapping any network that maps images to logits.
 
-Train, validation and test share ``model_step`` (cross-entropy on logits). Metrics are torchmetrics
-objects, accumulated on the device and logged once per epoch (a per-step ``self.log``, sync or
-``.item()`` costs more than an ``fc`` step on a 2-core CPU): ``train/loss``, ``train/acc``,
-``val/loss``, ``val/acc``, ``val/{precision,recall,f1}_macro`` (``test/`` for ``trainer.test``);
-``log_train_steps=True`` adds the per-step ``train/loss_step``. Losses are means over images.
+Train, validation and test share ``model_step`` (cross-entropy on logits). Metrics are accumulated
+on the device and logged once per epoch (no per-step ``self.log``, sync or ``.item()``):
+``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/{precision,recall,f1}_macro``
+(``test/`` for ``trainer.test``); ``log_train_steps=True`` adds the per-step ``train/loss_step``.
+Losses are means over images.
 """
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Mapping
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 
-from mnist_lab.config import build
+from mnist_lab.config import build, check_targets
 from mnist_lab.errors import ConfigError
+from mnist_lab.metrics import eval_metrics
+from mnist_lab.rundir import read_checkpoint
+from mnist_lab.steps import StepsPerExecution
 
 SCHEDULERS = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-
-
-def eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
-    """Top-1 accuracy and macro precision / recall / F1, named ``<prefix>acc`` etc."""
-    return MetricCollection({
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "precision_macro": MulticlassPrecision(num_classes, average="macro"),
-        "recall_macro": MulticlassRecall(num_classes, average="macro"),
-        "f1_macro": MulticlassF1Score(num_classes, average="macro"),
-    }, prefix=prefix)
 
 
 def _plain(value):
@@ -50,7 +45,7 @@ def _is_data(value) -> bool:
     return value is None or isinstance(value, str | int | float | bool)
 
 
-class Classifier(L.LightningModule):
+class Classifier(StepsPerExecution, L.LightningModule):
     """Image classifier: ``net`` gives logits, trained with cross-entropy.
 
     Input of ``forward``: float ``(B, 1, 28, 28)`` images in [0, 1]; output: float logits
@@ -78,20 +73,15 @@ class Classifier(L.LightningModule):
             the plain ``net.*`` keys); the first steps pay the compile time.
         compile_mode: ``torch.compile`` mode: ``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotune``.
         log_train_steps: also log the batch loss as ``train/loss_step``; Lightning writes it every
-            ``trainer.log_every_n_steps`` steps. Off by default: ``self.log`` on every step costs a
-            third of an ``fc`` step on a 2-core CPU.
-        steps_per_execution: mini-batches per Lightning training step (Keras's name). With ``K > 1``
-            the datamodule yields groups of ``K`` batches and :meth:`training_step` runs them with
-            manual optimisation, one optimizer step each, exactly as ``K`` steps of automatic
-            optimisation would: zero_grad, backward (through the precision plugin: bf16 autocast, the
-            fp16 scaler), gradient clipping (``gradient_clip``), optimizer step, then a per-step LR
-            scheduler; per-epoch schedulers after the epoch's last batch (ReduceLROnPlateau after
-            validation). ``global_step`` counts mini-batch steps. Lightning's per-step work
-            (hooks, loop bookkeeping) is then paid once per ``K`` mini-batches.
+            ``trainer.log_every_n_steps`` steps. Off by default: a ``self.log`` on every step costs
+            a good part of a small net's step (docs/speed.md).
+        steps_per_execution: mini-batches per Lightning training step, each an optimizer step
+            (:mod:`mnist_lab.steps`); the datamodule groups its training batches by it.
 
     Raises:
         ConfigError: a ``_target_`` that is not an ``nn.Module`` / optimizer / scheduler class (a config
-            from a checkpoint builds nothing else), or bad values for the network.
+            from a checkpoint builds nothing else), bad values for the network, or ``steps_per_execution``
+            not a positive integer.
     """
 
     def __init__(
@@ -118,12 +108,8 @@ class Classifier(L.LightningModule):
             optimizer = build(optimizer, "optimizer", base=torch.optim.Optimizer)
         if scheduler is not None and isinstance(scheduler.get("scheduler"), Mapping):
             scheduler = {**scheduler, "scheduler": build(scheduler["scheduler"], "scheduler", base=SCHEDULERS)}
-        if not isinstance(steps_per_execution, int) or isinstance(steps_per_execution, bool) or steps_per_execution < 1:
-            raise ConfigError(f"steps_per_execution={steps_per_execution!r} must be a positive integer, e.g. 8")
+        self.check_steps_per_execution()
         self.automatic_optimization = steps_per_execution == 1
-        #: (value, "norm" | "value") for steps_per_execution > 1, which Lightning's own clipping does not
-        #: serve; mnist_lab.train moves trainer.gradient_clip_val here
-        self.gradient_clip: tuple[float, str] | None = None
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.scheduler_config = scheduler
         self.register_buffer("mean", torch.tensor(0.0))
@@ -131,16 +117,26 @@ class Classifier(L.LightningModule):
         # a compiled bound method is a plain function: not a submodule, so no extra state_dict keys
         self._compiled_forward = torch.compile(self.net.forward, mode=compile_mode) if compile else None
         # the training loss and top-1 accuracy of an epoch: three running sums on the device (loss x images,
-        # correct, images), one small add per step; a torchmetrics update costs ~0.3 ms a step on a CPU
-        # (attribute writes, argmax bookkeeping) and the train split needs no more than sums
+        # correct, images), one small add per step: cheaper than a torchmetrics update (attribute writes,
+        # argmax bookkeeping), and the train split needs no more than sums
         self._train_sums: torch.Tensor | None = None
         self.val_metrics = eval_metrics(num_classes, "val/")
         self.test_metrics = eval_metrics(num_classes, "test/")
+        self.example_input_array = torch.zeros(1, 1, 28, 28)  # one MNIST image: the model summary's FLOPs
 
     @property
     def name(self) -> str:
         """The network's ``name`` (a preset's, e.g. ``"conv2"``), else its class name."""
         return getattr(self.net, "name", type(self.net).__name__)
+
+    def flops_per_image(self) -> int:
+        """Floating-point operations of one forward pass on one 28x28 image (torch's ``FlopCounterMode``,
+        which counts a multiply-add as 2 FLOPs; convolutions, matrix products and attention only)."""
+        counter, training = FlopCounterMode(display=False), self.training
+        with torch.no_grad(), counter:
+            self.eval()(self.example_input_array.to(self.device))
+        self.train(training)
+        return counter.get_total_flops()
 
     def setup(self, stage: str) -> None:
         """Take the normalisation statistics of the datamodule being fitted (a resumed run then
@@ -166,52 +162,7 @@ class Classifier(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         """One mini-batch ``(images, labels)`` -> its mean loss; with ``steps_per_execution > 1`` a
         list of them -> their losses ``(K,)``, each mini-batch an optimizer step."""
-        if self.automatic_optimization:
-            return self._train_loss(batch)
-        opt = self.optimizers()
-        configs = self.trainer.lr_scheduler_configs
-        # Lightning's backward and step dispatch their hooks (on_before_backward, on_after_backward,
-        # on_before_optimizer_step) to every callback: the last mini-batch of the group goes through them,
-        # so callbacks see one call per training step as with K = 1; the others call autograd and the
-        # optimizer directly, counted as optimizer steps (global_step) all the same. With an fp16 grad
-        # scaler every mini-batch takes Lightning's path, which scales the loss and unscales the step.
-        direct = getattr(self.trainer.precision_plugin, "scaler", None) is None
-        losses = []
-        for i, minibatch in enumerate(batch):
-            loss = self._train_loss(minibatch)
-            opt.zero_grad()
-            lightning_path = not direct or i == len(batch) - 1
-            if lightning_path:
-                self.manual_backward(loss)
-            else:  # the strategy's preparation (DDP: one gradient all-reduce per backward), no hooks
-                self.trainer.strategy.pre_backward(loss)
-                loss.backward()
-            if self.gradient_clip is not None:
-                self.clip_gradients(opt, gradient_clip_val=self.gradient_clip[0],
-                                    gradient_clip_algorithm=self.gradient_clip[1])
-            if lightning_path:
-                opt.step()
-            else:  # LightningOptimizer.step without the hooks: the loop's step counting, then the step
-                opt._on_before_step()
-                opt.optimizer.step()
-                opt._on_after_step()
-            self._step_schedulers(configs, "step")
-            losses.append(loss.detach())
-        return torch.stack(losses)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if not self.automatic_optimization and batch_idx + 1 == self.trainer.num_training_batches:
-            self._step_schedulers(self.trainer.lr_scheduler_configs, "epoch")  # where Lightning steps them
-
-    def _step_schedulers(self, configs, interval: str, plateau: bool = False) -> None:
-        for config in configs:
-            is_plateau = isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-            if config.interval != interval or is_plateau != plateau:
-                continue
-            if is_plateau:
-                config.scheduler.step(self.trainer.callback_metrics[self.scheduler_config.get("monitor", "val/loss")])
-            else:
-                config.scheduler.step()
+        return self._train_loss(batch) if self.automatic_optimization else self.train_group(batch, self._train_loss)
 
     def _train_loss(self, batch) -> torch.Tensor:
         loss, logits, y = self.model_step(batch)
@@ -226,29 +177,70 @@ class Classifier(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         if not self.automatic_optimization:  # after validation, as Lightning does for ReduceLROnPlateau
-            self._step_schedulers(self.trainer.lr_scheduler_configs, "epoch", plateau=True)
+            self.step_schedulers("epoch", plateau=True)
         if self._train_sums is not None:  # the mean over images; ranks train equal shares: mean over ranks
             loss_sum, correct, images = self._train_sums
             self.log("train/loss", loss_sum / images, prog_bar=True, sync_dist=True)
             self.log("train/acc", correct / images, prog_bar=True, sync_dist=True)
             self._train_sums = None
 
-    def _eval_step(self, batch, metrics: MetricCollection, prefix: str) -> None:
+    def _eval_step(self, batch, metrics: MetricCollection, prefix: str) -> torch.Tensor:
         loss, logits, y = self.model_step(batch)
         metrics.update(logits, y)
-        self.log(f"{prefix}/loss", loss, on_epoch=True, prog_bar=prefix == "val", batch_size=y.numel(), sync_dist=True)
+        self.log(f"{prefix}/loss", loss, on_epoch=True, prog_bar=prefix == "val", batch_size=y.numel(), sync_dist=True,
+                 add_dataloader_idx=False)
         for name, metric in metrics.items():
-            self.log(name, metric, on_epoch=True, prog_bar=name == "val/acc")
+            self.log(name, metric, on_epoch=True, prog_bar=name == "val/acc", add_dataloader_idx=False)
+        return logits
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
 
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, "test")
+    def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """The test metrics (``test/acc``, ``test/loss``, macro precision / recall / F1, synced across
+        DDP ranks) of the first test dataloader; returns the batch's logits ``(B, num_classes)`` for every
+        dataloader (the evaluation suite adds perturbed copies of the test split as further ones)."""
+        if dataloader_idx == 0:
+            return self._eval_step(batch, self.test_metrics, "test")
+        return self(batch[0])
 
     def predict_step(self, batch, batch_idx: int = 0) -> torch.Tensor:
         """Logits ``(B, num_classes)`` for a batch of images, or of ``(images, labels)``."""
         return self(batch[0] if isinstance(batch, tuple | list) else batch)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location=None, hparams_file=None, strict=None,
+                             weights_only: bool = True, **kwargs) -> Classifier:
+        """Lightning's ``load_from_checkpoint``, safe by default (``weights_only=True``: a pickle that would
+        run code is refused; the network is built only from an ``nn.Module`` class its config names), with
+        one clear line for a file that is not a usable mnist_lab checkpoint. The model takes images in [0, 1].
+
+        Raises:
+            ConfigError: the file is missing, would run code when loaded, is not a checkpoint, is not an
+                mnist_lab checkpoint (or one of mnist_lab 0.1, which did not describe its network), or its
+                weights do not fit the network its config describes.
+        """
+        if weights_only and "net" not in kwargs:  # the file is read twice: once here (memory-mapped), to check it
+            ckpt = read_checkpoint(checkpoint_path)
+            hp = ckpt.get("hyper_parameters") or {}
+            if "net_config" in hp:
+                raise ConfigError(f"{checkpoint_path} was written by mnist_lab 0.1, whose checkpoints do not describe "
+                                  "their network; retrain it with this version (the same command)")
+            if not isinstance(hp.get("net"), dict):
+                raise ConfigError(f"{checkpoint_path} is not an mnist_lab checkpoint (no network config); give a "
+                                  ".ckpt file written by mnist_lab.train or Trainer.save_checkpoint")
+            check_targets(hp["net"], nn.Module, "model")  # before Lightning builds anything
+            if "pytorch-lightning_version" not in ckpt or "state_dict" not in ckpt:
+                raise ConfigError(f"{checkpoint_path} is not a Lightning checkpoint (no pytorch-lightning_version or "
+                                  "state_dict); give a .ckpt file written by mnist_lab.train")
+        try:
+            return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                                strict=strict, weights_only=weights_only, **kwargs)
+        except (RuntimeError, pickle.UnpicklingError) as e:
+            if "state_dict" not in str(e):
+                raise
+            raise ConfigError(f"{checkpoint_path}: weights do not fit the architecture its config describes: "
+                              f"{str(e).splitlines()[0]}") from None
 
     def configure_optimizers(self):
         try:
@@ -260,19 +252,8 @@ class Classifier(L.LightningModule):
         factory = self.scheduler_config["scheduler"]
         one_cycle = getattr(factory, "func", None) is torch.optim.lr_scheduler.OneCycleLR
         if one_cycle and "total_steps" not in factory.keywords:  # sized by the run: epochs x batches
-            factory = partial(factory, total_steps=self._optimizer_steps())
+            factory = partial(factory, total_steps=self.optimizer_steps())
         config = {**self.scheduler_config, "scheduler": factory(opt)}
-        if not self.automatic_optimization:  # Lightning ignores (and warns about) it; _step_schedulers reads it
+        if not self.automatic_optimization:  # Lightning ignores (and warns about) it; step_schedulers reads it
             config.pop("monitor", None)
         return {"optimizer": opt, "lr_scheduler": config}
-
-    def _optimizer_steps(self) -> int:
-        """Optimizer steps of the whole run: Lightning's estimate, in mini-batches when a training step
-        runs ``steps_per_execution`` of them."""
-        trainer, k = self.trainer, self.hparams.steps_per_execution
-        steps = int(trainer.estimated_stepping_batches)  # also sets up the train batches
-        if k == 1:
-            return steps
-        per_epoch = min(trainer.num_training_batches * k, trainer.datamodule.train_dataloader().minibatches)
-        total = per_epoch * max(trainer.max_epochs, 1)
-        return min(total, trainer.max_steps) if trainer.max_steps > 0 else total

@@ -6,28 +6,14 @@ importing mnist_lab leaves a notebook's inline plots (and any GUI backend) as th
 
 from __future__ import annotations
 
-import csv
 import math
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-
-def read_epoch_metrics(metrics_csv: str | Path) -> dict[str, dict[int, float]]:
-    """Read Lightning's ``CSVLogger`` file into ``{metric: {epoch: value}}`` (epoch-level rows only)."""
-    series: dict[str, dict[int, float]] = defaultdict(dict)
-    with open(metrics_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            if not row.get("epoch"):
-                continue
-            epoch = int(float(row["epoch"]))
-            for key, value in row.items():
-                if key not in ("epoch", "step") and value not in ("", None):
-                    series[key][epoch] = float(value)
-    return dict(series)
+from mnist_lab.rundir import read_epoch_metrics
 
 
 def plot_curves(metrics_csv: str | Path, path: str | Path, title: str = "") -> Path:
@@ -46,9 +32,7 @@ def plot_curves(metrics_csv: str | Path, path: str | Path, title: str = "") -> P
         ax.set_ylabel("cross-entropy loss" if metric == "loss" else "top-1 accuracy")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def plot_confusion_matrix(confusion: torch.Tensor, path: str | Path, title: str = "") -> Path:
@@ -70,54 +54,53 @@ def plot_confusion_matrix(confusion: torch.Tensor, path: str | Path, title: str 
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     fig.colorbar(im, ax=ax, label="fraction of true class")
-    ax.set_title(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def plot_samples(images: torch.Tensor, labels: torch.Tensor, path: str | Path, title: str = "") -> Path:
     """``samples.png``: a grid of digits ``(N, 28, 28)`` (uint8 or float) with their labels."""
-    n = images.shape[0]
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(1.3 * cols, 1.45 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if k < n:
-            ax.imshow(images[k].detach().cpu().float().numpy(), cmap="gray_r")
-            ax.set_title(str(int(labels[k])), fontsize=9)
+    return _digits(images, [str(int(y)) for y in labels], path, title, math.ceil(math.sqrt(len(labels))), (1.3, 1.45))
+
+
+def _save(fig: Figure, path: str | Path, title: str) -> Path:
     fig.suptitle(title)
     fig.tight_layout()
-    return _save(fig, path)
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
     fig.savefig(path, dpi=110)
-    return path
+    return Path(path)
 
 
-# ---------------------------------------------------------------- sweep plots
-# `groups` are the configurations of mnist_lab.sweep.aggregate: dicts with "label", "factors", "n",
-# (mean, std) pairs per metric, "gap" and "curves".
+def _digits(images: torch.Tensor, titles: list[str], path: str | Path, title: str, cols: int, cell: tuple) -> Path:
+    """A grid of digits ``(N, 28, 28)`` (uint8 or float), each with its title; ``cell``: inches a digit."""
+    rows = math.ceil(max(len(titles), 1) / cols)
+    fig = Figure(figsize=(cell[0] * cols, cell[1] * rows))
+    for k, ax in enumerate(fig.subplots(rows, cols, squeeze=False).flat):
+        ax.axis("off")
+        if k < len(titles):
+            ax.imshow(images[k].detach().cpu().float().numpy(), cmap="gray_r")
+            ax.set_title(titles[k], fontsize=9 if "\n" not in titles[k] else 7)
+    return _save(fig, path, title)
 
+
+# Sweep plots: `groups` are the configurations of mnist_lab.sweep.aggregate: dicts with "label",
+# "factors", "n", (mean, std) pairs per metric, "gap" and "curves".
 def plot_acc_vs_params(groups: list[dict], path: str | Path, title: str = "",
-                       reference: list[tuple[float, float]] | None = None, front: list[dict] | None = None) -> Path:
-    """``acc_vs_params.png``: mean test accuracy vs trainable parameters (log x), error bars = std
-    over seeds, one labelled point per configuration, one marker per ``architecture`` (the network's
-    class); ``reference`` ``(params, accuracy)`` points (e.g. published results) are drawn as crosses,
-    and ``front`` (the Pareto-front configurations) as a dashed line."""
+                       reference: list[tuple[float, float]] | None = None, front: list[dict] | None = None,
+                       x: str = "params_trainable") -> Path:
+    """``acc_vs_params.png``: mean test accuracy vs trainable parameters (``x="flops_per_image"``: vs
+    forward FLOPs per image, ``acc_vs_flops.png``), log x, error bars = std over seeds, one labelled
+    point per configuration, one marker per ``architecture`` (the network's class); ``reference``
+    ``(x, accuracy)`` points (e.g. published results) are drawn as crosses, and ``front`` (the
+    Pareto-front configurations) as a dashed line."""
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
     markers = dict(zip(dict.fromkeys(g.get("architecture") or "" for g in groups), "osD^vP*hX"))
     for g in groups:
-        x, (y, err) = g["params_trainable"][0], g["test/acc"]
+        xv, (y, err) = g[x][0], g["test/acc"]
         arch = g.get("architecture") or ""
-        ax.errorbar(x, y, yerr=err, fmt=markers.get(arch, "o"), capsize=3, label=arch or None)
-        ax.annotate(f"{g['label']} (n={g['n']})", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.errorbar(xv, y, yerr=err, fmt=markers.get(arch, "o"), capsize=3, label=arch or None)
+        ax.annotate(f"{g['label']} (n={g['n']})", (xv, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     if front and len(front) > 1:
-        ax.plot([g["params_trainable"][0] for g in front], [g["test/acc"][0] for g in front], "k--", lw=1,
+        ax.plot([g[x][0] for g in front], [g["test/acc"][0] for g in front], "k--", lw=1,
                 label="Pareto front")
     if reference:
         ax.plot(*zip(*reference), "kx", ms=8, label="published")
@@ -126,12 +109,11 @@ def plot_acc_vs_params(groups: list[dict], path: str | Path, title: str = "",
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_xlabel({"flops_per_image": "FLOPs per image, forward pass (log scale)"}.get(x, "trainable parameters "
+                                                                                        "(log scale)"))
     ax.set_ylabel("test top-1 accuracy (mean ± std over seeds)")
     ax.grid(alpha=0.3, which="both")
-    ax.set_title(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def plot_val_curves(groups: list[dict], path: str | Path, title: str = "") -> Path:
@@ -150,9 +132,7 @@ def plot_val_curves(groups: list[dict], path: str | Path, title: str = "") -> Pa
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def plot_run_curves(runs: dict[str, list[dict[int, float]]], metric: str, path: str | Path, title: str = "",
@@ -174,9 +154,7 @@ def plot_run_curves(runs: dict[str, list[dict[int, float]]], metric: str, path: 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    ax.set_title(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def plot_train_val_gap(groups: list[dict], path: str | Path, title: str = "") -> Path:
@@ -191,9 +169,7 @@ def plot_train_val_gap(groups: list[dict], path: str | Path, title: str = "") ->
     ax.set_xlabel("train acc - val acc, last epoch (mean ± std over seeds)")
     ax.invert_yaxis()
     ax.grid(alpha=0.3, axis="x")
-    ax.set_title(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def plot_heatmap(groups: list[dict], key_x: str, key_y: str, path: str | Path, title: str = "") -> Path:
@@ -216,12 +192,9 @@ def plot_heatmap(groups: list[dict], key_x: str, key_y: str, path: str | Path, t
     ax.set_xlabel(key_x)
     ax.set_ylabel(key_y)
     fig.colorbar(im, ax=ax, label="mean test top-1 accuracy")
-    ax.set_title(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
-# ---------------------------------------------------------------- evaluation plots
 def plot_robustness(results: dict[str, dict[str, dict[str, float]]], path: str | Path, title: str = "") -> Path:
     """``robustness.png``: accuracy vs perturbation strength, one panel per perturbation, one line
     per model: ``results = {model label: {kind: {strength: accuracy}}}`` (an overlay for several)."""
@@ -240,9 +213,7 @@ def plot_robustness(results: dict[str, dict[str, dict[str, float]]], path: str |
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test top-1 accuracy")
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def plot_reliability(bins: list[dict], path: str | Path, title: str = "") -> Path:
@@ -263,27 +234,13 @@ def plot_reliability(bins: list[dict], path: str | Path, title: str = "") -> Pat
     ax2.set_yscale("log")
     ax2.set_xlabel("confidence (max softmax probability)")
     ax2.set_ylabel("share")
-    ax.set_title(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    return _save(fig, path, title)
 
 
 def plot_gallery(images: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, path: str | Path,
                  title: str = "") -> Path:
     """A grid of digits ``(N, 28, 28)``, each titled with its true label and top-3 probabilities
     (``errors.png``, ``predictions.png``)."""
-    n = max(int(images.shape[0]), 1)
-    cols = min(n, 5)
-    rows = math.ceil(n / cols)
-    fig = Figure(figsize=(2.0 * cols, 2.3 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if k < images.shape[0]:
-            ax.imshow(images[k].float().numpy(), cmap="gray_r")
-            top = probs[k].topk(3)
-            text = " ".join(f"{int(c)}:{float(p):.2f}" for p, c in zip(top.values, top.indices))
-            ax.set_title(f"true {int(labels[k])}\n{text}", fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
+    titles = [f"true {int(y)}\n" + " ".join(f"{int(c)}:{float(v):.2f}" for v, c in zip(*p.topk(3)))
+              for y, p in zip(labels, probs)]
+    return _digits(images, titles, path, title, min(max(len(titles), 1), 5), (2.0, 2.3))

@@ -1,14 +1,8 @@
-"""Classify your own digit images with a trained checkpoint.
-
-``python -m mnist_lab.predict ckpt_path=PATH inputs='digits/*.png' [output_csv=predictions.csv]``
-prints one line per file (file, predicted class, probability, top-3) and can write the same as CSV.
-``inputs`` may also be a folder: every file in it. A file that cannot be read as an image (not an
-image, empty, blank) gets an error on its line; the other files are still classified.
-
-Images of any size, grayscale or RGB(A), dark-on-light or light-on-dark, are converted to MNIST's
-form the way the MNIST digits were made (LeCun, Cortes & Burges, "The MNIST database"): the digit,
-light on a dark background, is fitted into a 20x20 pixel box keeping its aspect ratio and placed in
-a 28x28 image so that its centre of mass is at the centre (see :func:`to_mnist_form`).
+"""``python -m mnist_lab.predict ckpt_path=PATH inputs='digits/*.png' [output_csv=FILE]``: classify your
+own digit images (``Trainer.predict``), a line per file (class, probability, top-3), optionally as CSV.
+``inputs`` may be a folder. A file that is not a usable image gets an error on its line and the others
+are classified; when none could be, one ``error:`` line and exit code 2. Images of any size and colours
+are converted to MNIST's form the way the MNIST digits were made (:func:`to_mnist_form`).
 """
 
 from __future__ import annotations
@@ -24,8 +18,11 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
+from mnist_lab.config import CONF_DIR
+from mnist_lab.console import quiet_lightning
 from mnist_lab.errors import ConfigError, MnistLabError, exit_with
-from mnist_lab.evaluate import load_checkpoint, predict_logits
+from mnist_lab.evaluate import predict
+from mnist_lab.module import Classifier
 
 BOX = 20    # pixels: the digit's longer side after resizing (MNIST)
 SIZE = 28   # pixels: output image side
@@ -92,8 +89,8 @@ def load_image(path: str | Path) -> torch.Tensor:
     return to_mnist_form(image)
 
 
-def predict_files(model: torch.nn.Module, paths: list[str | Path], top_k: int = 3) -> list[dict]:
-    """Classify image files with a model that takes images in [0, 1] (a :class:`~mnist_lab.Classifier`).
+def predict_files(model: Classifier, paths: list[str | Path], top_k: int = 3) -> list[dict]:
+    """Classify image files with a :class:`~mnist_lab.Classifier` (``Trainer.predict``).
     One dict per file, in order: ``file``, ``prediction`` (int or None), ``probability`` (of the
     prediction), ``top`` (``[(class, probability), ...]``), ``error`` ("" if none)."""
     rows, images, ok = [], [], []
@@ -105,7 +102,7 @@ def predict_files(model: torch.nn.Module, paths: list[str | Path], top_k: int = 
         except (ValueError, OSError) as e:
             rows.append({"file": str(p), "prediction": None, "probability": None, "top": [], "error": str(e)})
     if images:
-        probs = predict_logits(model, torch.stack(images)).softmax(1).cpu()
+        probs = predict(model, torch.stack(images)).softmax(1).cpu()
         for i, p in zip(ok, probs):
             top = p.topk(min(top_k, p.numel()))
             rows[i]["top"] = [(int(c), float(v)) for v, c in zip(top.values, top.indices)]
@@ -129,15 +126,16 @@ def expand_inputs(inputs) -> list[str]:
     return files
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
     """``python -m mnist_lab.predict ckpt_path=PATH inputs='digits/*.png' [output_csv=FILE]``."""
+    quiet_lightning()
     try:
         if not cfg.ckpt_path:
             raise ConfigError("give ckpt_path=<run dir>/checkpoints/best.ckpt")
         files = expand_inputs(cfg.inputs)
-        model, _ = load_checkpoint(cfg.ckpt_path)
-        rows = predict_files(model, files, top_k=cfg.top_k)
+        rows = predict_files(Classifier.load_from_checkpoint(cfg.ckpt_path, map_location="cpu"), files,
+                             top_k=cfg.top_k)
     except MnistLabError as e:
         exit_with(e)
     width = max(len(r["file"]) for r in rows)
@@ -157,6 +155,9 @@ def main(cfg: DictConfig) -> None:
                                  " ".join(f"{c}:{p:.4f}" for c, p in r["top"]), r["error"]])
         print(f"wrote {cfg.output_csv}")
     failed = sum(bool(r["error"]) for r in rows)
+    if failed == len(rows):
+        exit_with(ConfigError(f"none of the {len(rows)} files could be classified (each line above says why); give "
+                              "image files of digits (PNG, JPEG, ...)"))
     if failed:
         print(f"{failed} of {len(rows)} files could not be classified", file=sys.stderr)
 

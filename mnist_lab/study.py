@@ -1,30 +1,11 @@
 """Studies: a sweep that answers one research question, with a ``report.md`` beside its summary.
 
-A study is a named sweep config, ``conf/study/<name>.yaml``, run with
-``python -m mnist_lab.train +study=<name>`` (one job per grid point and seed). Besides the sweep's grid
-it holds a ``study`` node that every job saves in its ``.hydra/config.yaml``:
-
-- ``name``, ``question``, ``protocol`` and ``cut`` (what was left out to fit the time budget): text;
-- ``columns``: the per-job values tabulated per configuration as mean ± sample std (n);
-- ``plots``: the sweep summary's figures that answer the question (``robustness.png``, ...);
-- ``run_curves`` (optional): per-epoch metrics (``val/loss``) drawn for every run, ``runs_val_loss.png``;
-- ``names`` (optional): ``[{when: {factor: value}, name: "conv only"}]``, readable names of configurations;
-- ``comparisons``: ``{metric, a: {factor: value}, b: {factor: value}}`` (the difference a − b of the
-  means, Welch's unequal-variance t-test) or ``{metric, a: {...}, published: x}`` (a's mean − x, the
-  one-sample t-test); the first is the headline;
-- ``threshold`` (optional): the val accuracy that ``epochs_to_threshold`` counts to.
-
-Per-job values are the ``metrics.json`` figures of :data:`mnist_lab.sweep.METRICS` and three derived
-from the run: ``gap`` (last-epoch train accuracy − val accuracy), ``val_loss_epoch1`` (val loss after
-the first epoch) and ``epochs_to_threshold`` (the first 1-based epoch whose val accuracy reaches
-``threshold``; a run that never reaches it has no value and is counted as "not reached"), and any
-point of the run's ``robustness.json`` as ``robustness/<kind>_<strength>`` (``robustness/noise_0.3``).
-
-Confidence intervals are 95 % t intervals of the difference (Welch–Satterthwaite degrees of freedom
-for two groups), from :func:`scipy.stats.ttest_ind` (``equal_var=False``) and
-:func:`scipy.stats.ttest_1samp`. A difference is called significant when p < 0.05 (two-sided).
-:func:`write_report` runs when a study's multirun ends (``mnist_lab.sweep.SweepSummary``) and by hand
-with ``python scripts/summarize_sweep.py SWEEP_DIR`` (``--study NAME``: with today's ``conf/study`` text).
+A study is a named sweep config, ``conf/study/<name>.yaml``, run with ``python -m mnist_lab.train
++study=<name>``, whose ``study`` node (question, protocol, cut, columns, plots, comparisons; every key is
+in docs/studies/README.md) every job saves in its ``.hydra/config.yaml``. Per-job values are
+:data:`VALUES` and any point of ``robustness.json``; comparisons are Welch's t-test (two configurations)
+or the one-sample t-test (against a published figure) with 95 % confidence intervals (scipy.stats).
+:func:`write_report` runs when a study's multirun ends and by hand with ``scripts/summarize_sweep.py``.
 """
 
 from __future__ import annotations
@@ -46,29 +27,26 @@ from mnist_lab.sweep import METRICS, collect, config_label, varying_factors
 LABELS = {
     "test/acc": "test acc", "test/f1_macro": "test macro-F1", "test/loss": "test loss", "test/ece": "test ECE",
     "best_val/acc": "best val acc", "best_val/loss": "best val loss", "params_trainable": "trainable params",
-    "train_seconds": "train s", "epochs": "epochs", "gap": "train−val gap",
+    "train_seconds": "train s", "epochs": "epochs", "gap": "train−val gap", "flops_per_image": "FLOPs / image",
     "robustness/mean": "robust acc (mean)", "robustness/rotation_20": "acc, rotated 20°",
     "robustness/translation_4": "acc, shifted 4 px", "val_loss_epoch1": "val loss after epoch 1",
     "epochs_to_threshold": "epochs to val acc ≥ {threshold}",
 }
 ALPHA = 0.05
-#: Per-job values a study can tabulate and compare, besides ``robustness/<kind>_<strength>``: any point of
-#: the run's ``robustness.json`` (``robustness/noise_0.3``: accuracy under Gaussian noise of std 0.3).
+#: Per-job values a study can tabulate and compare, besides any point of ``robustness.json``
+#: (``robustness/noise_0.3``: accuracy under Gaussian noise of std 0.3). docs/studies/README.md says each.
 VALUES = (*METRICS, "gap", "val_loss_epoch1", "epochs_to_threshold")
 ROBUST = re.compile(r"robustness/([a-z]+)_([\d.]+)")
 
 
 def check_spec(spec: dict, factors: set[str]) -> None:
-    """Check a ``study`` node before its sweep starts.
-
-    Args:
-        spec: the ``study`` node as a dict.
-        factors: the keys the sweep varies or sets (``model.depth``, ``aug``, ``seed``, ...; no ``+``).
+    """Check a ``study`` node (a dict) before its sweep starts; ``factors``: the keys the sweep varies or
+    sets (``model.depth``, ``aug``, ``seed``, ...; no ``+``).
 
     Raises:
-        ConfigError: a missing ``name`` / ``question`` / ``columns``, a column or comparison metric that
-            is not a per-job value (:data:`VALUES`), or a comparison whose ``a`` / ``b`` names a key the
-            sweep does not set, or that has neither ``b`` nor ``published``.
+        ConfigError: a missing ``name`` / ``question`` / ``columns``, a metric that is not a per-job value
+            (:data:`VALUES`), a ``names`` entry or comparison selecting on a key the sweep does not set, or
+            a comparison with neither ``b`` nor ``published``.
     """
     where = f"study {spec.get('name', '?')}"
     for key in ("name", "question", "columns"):
@@ -91,8 +69,7 @@ def check_spec(spec: dict, factors: set[str]) -> None:
 
 
 def study_spec(sweep_dir: str | Path) -> dict | None:
-    """The ``study`` node of the first job's saved config (``*/.hydra/config.yaml``), or None when the
-    sweep was not a study."""
+    """The ``study`` node of the first job's saved ``.hydra/config.yaml``; None for a plain sweep."""
     for cfg_file in sorted(Path(sweep_dir).rglob(".hydra/config.yaml")):
         cfg = OmegaConf.load(cfg_file)
         if "study" in cfg and cfg.study is not None:
@@ -101,8 +78,7 @@ def study_spec(sweep_dir: str | Path) -> dict | None:
 
 
 def job_value(row: dict, metric: str, threshold: float = 0.99) -> float | None:
-    """One job's value of ``metric``: a :data:`mnist_lab.sweep.METRICS` figure, or ``gap``,
-    ``val_loss_epoch1``, ``epochs_to_threshold`` (see the module docstring). None when the job has none."""
+    """One job's value of ``metric`` (:data:`VALUES`, ``robustness/<kind>_<strength>``), or None."""
     history = row["history"]
     if metric == "gap":
         train, val = row["last_train/acc"], row["last_val/acc"]
@@ -119,36 +95,29 @@ def job_value(row: dict, metric: str, threshold: float = 0.99) -> float | None:
 
 
 def matches(factors: dict[str, str], selector: dict) -> bool:
-    """Whether a job's overrides hold every ``factor: value`` of ``selector`` (values compared as the
-    YAML text of :func:`mnist_lab.sweep.parse_override`: ``"true"``, ``"0.25"``, ``"conv2"``)."""
+    """Whether a job's overrides hold every ``factor: value`` of ``selector`` (as YAML text: ``"true"``)."""
     return all(factors.get(k) == (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in selector.items())
 
 
 def compare(a: list[float], b: list[float] | None = None, published: float | None = None) -> dict:
-    """Difference of means with its 95 % confidence interval and a two-sided t-test.
-
-    Two groups (``b``): ``mean(a) − mean(b)``, Welch's t-test (unequal variances). One group and a
-    ``published`` figure: ``mean(a) − published``, the one-sample t-test.
+    """Difference of means, its 95 % confidence interval and a two-sided t-test: ``mean(a) − mean(b)``
+    with Welch's t-test (unequal variances), or ``mean(a) − published`` with the one-sample t-test.
 
     Returns:
         ``{"diff", "low", "high", "t", "df", "p", "n_a", "n_b", "significant"}``; ``t``, ``p``, ``low``,
-        ``high`` are NaN (and ``significant`` False) when the test is undefined: fewer than 2 values in
-        a group, or no spread at all.
+        ``high`` NaN (not significant) when there is no test: fewer than 2 values in a group, no spread.
     """
     from scipy import stats  # imported here: only reports need it
-
     with warnings.catch_warnings():  # identical values: scipy warns and returns NaN, reported as "no test"
         warnings.simplefilter("ignore", RuntimeWarning)
-        if b is None:
-            diff = statistics.fmean(a) - published
+        if b is None:  # the one-sample interval is of mean(a); shifted, of mean(a) - published
+            diff, shift = statistics.fmean(a) - published, published
             result = stats.ttest_1samp(a, published) if len(a) > 1 else None
-            ci = result.confidence_interval(1 - ALPHA) if result is not None else None
-            low, high = (ci.low - published, ci.high - published) if ci is not None else (math.nan, math.nan)
         else:
-            diff = statistics.fmean(a) - statistics.fmean(b)
+            diff, shift = statistics.fmean(a) - statistics.fmean(b), 0.0
             result = stats.ttest_ind(a, b, equal_var=False) if len(a) > 1 and len(b) > 1 else None
-            ci = result.confidence_interval(1 - ALPHA) if result is not None else None
-            low, high = (ci.low, ci.high) if ci is not None else (math.nan, math.nan)
+        ci = result.confidence_interval(1 - ALPHA) if result is not None else None
+        low, high = (ci.low - shift, ci.high - shift) if ci is not None else (math.nan, math.nan)
     t, p, df = (float(result.statistic), float(result.pvalue), float(result.df)) if result else (math.nan,) * 3
     if not math.isfinite(t):  # no spread (t = ±inf or 0/0): no test rather than a p of 0
         t = p = low = high = math.nan
@@ -157,11 +126,9 @@ def compare(a: list[float], b: list[float] | None = None, published: float | Non
 
 
 def _fmt(metric: str, value: float) -> str:
-    if metric == "params_trainable":
+    if metric in ("params_trainable", "flops_per_image"):
         return f"{value:,.0f}"
-    if metric in ("train_seconds", "epochs", "epochs_to_threshold"):
-        return f"{value:.1f}"
-    return f"{value:.4f}"
+    return f"{value:.1f}" if metric in ("train_seconds", "epochs", "epochs_to_threshold") else f"{value:.4f}"
 
 
 def _signed(metric: str, value: float) -> str:
@@ -172,19 +139,17 @@ def _cell(metric: str, values: list[float], n_jobs: int) -> str:
     if not values:
         return f"–, 0/{n_jobs} reached" if metric == "epochs_to_threshold" else "–"
     mean, std = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-    if metric == "params_trainable":
+    if metric in ("params_trainable", "flops_per_image"):  # the same for every seed
         return _fmt(metric, mean)
     cell = f"{_fmt(metric, mean)} ± {_fmt(metric, std)} ({len(values)})"
     return cell + (f", {len(values)}/{n_jobs} reached" if metric == "epochs_to_threshold" else "")
 
 
 def display_name(factors: dict, names: list[dict], short: bool = False) -> str:
-    """A configuration's label in the report: ``"dropout=0.25, dense_dropout=0.0"``, prefixed by the
-    first ``study.names`` entry whose ``when`` it matches (``"conv only (dropout=0.25, ...)"``; with
-    ``short``, the name alone)."""
+    """A configuration's label (``"dropout=0.25, dense_dropout=0.0"``) after the first ``study.names``
+    entry it matches (``"conv only (dropout=0.25, ...)"``; ``short``: the name alone)."""
     text = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in factors.items()}
-    label = config_label(text)
-    name = next((n["name"] for n in names if matches(text, n["when"])), None)
+    label, name = config_label(text), next((n["name"] for n in names if matches(text, n["when"])), None)
     return label if name is None else name if short else f"{name} ({label})"
 
 
@@ -215,15 +180,10 @@ def _sentence(comparison: dict, result: dict, label: str, a: str, b: str, headli
 
 
 def write_report(sweep_dir: str | Path, spec: dict | None = None, rows: list[dict] | None = None) -> Path | None:
-    """Write ``report.md`` into a study's sweep dir (after :func:`mnist_lab.sweep.write_summary`, whose
-    plots it links). ``spec``: the ``study`` node; None reads it from the jobs' saved configs. ``rows``:
-    the jobs as :func:`mnist_lab.sweep.collect` read them (``write_summary(...)["rows"]``); None reads them.
-
-    Returns:
-        The report's path, or None when the sweep is not a study.
-
-    A comparison whose configurations are not in this sweep (a command line that narrowed the grid), or
-    have no completed run with a value, gets a row of dashes saying so.
+    """Write ``report.md`` into a study's sweep dir, after :func:`mnist_lab.sweep.write_summary` (whose
+    plots it links); returns its path, or None for a plain sweep. ``spec``: the ``study`` node (None:
+    from the jobs' configs); ``rows``: the jobs as :func:`mnist_lab.sweep.collect` reads them (None: read).
+    A comparison whose configurations are not in the sweep or have no value gets a row of dashes saying so.
 
     Raises:
         FileNotFoundError: ``sweep_dir`` holds no Hydra job dirs.
@@ -235,92 +195,106 @@ def write_report(sweep_dir: str | Path, spec: dict | None = None, rows: list[dic
     rows = collect(sweep_dir) if rows is None else rows
     if not rows:
         raise FileNotFoundError(f"no Hydra job dirs (*/.hydra/overrides.yaml) under {sweep_dir}")
-    threshold, names = float(spec.get("threshold", 0.99)), spec.get("names", [])
-    completed = [r for r in rows if r["status"] == "completed"]
-    varying = varying_factors(rows)
-    configs: dict[tuple, list[dict]] = {}
-    for row in completed:
-        configs.setdefault(tuple((k, row["factors"].get(k)) for k in varying), []).append(row)
-
-    def values(members: list[dict], metric: str) -> list[float]:
-        return [v for v in (job_value(m, metric, threshold) for m in members) if v is not None]
-
-    def label(metric: str) -> str:
-        if metric not in LABELS and ROBUST.fullmatch(metric):
-            return "acc, {} {}".format(*ROBUST.fullmatch(metric).groups())
-        return LABELS.get(metric, metric).format(threshold=threshold)
-
-    grid = {k: sorted({r["factors"].get(k) for r in rows}, key=str) for k in varying}
-    seeds = sorted({r["factors"].get("seed", "") for r in rows}, key=lambda s: (len(s), s))  # 2 before 10
-    headline = spec["comparisons"][0]["metric"] if spec.get("comparisons") else spec["columns"][0]
-    fixed = sorted({f"{k}={v}" for r in rows for k, v in r["factors"].items() if k not in varying and k != "seed"})
-    lines = [f"# Study: {spec['name']}", "", f"**Question.** {spec['question']}", "",
-             f"**Protocol.** {spec.get('protocol', '')}", "",
-             f"**Grid.** {'; '.join(k + ' ∈ {' + ', '.join(v) + '}' for k, v in grid.items()) or '(one configuration)'}"
-             f"; seeds {', '.join(seeds)}: {len(rows)} jobs, {len(completed)} completed."
-             + (f" Other overrides of this run: {', '.join(fixed)}." if fixed else ""), "",
-             f"**Cut to fit the time budget.** {spec.get('cut', 'nothing')}", "",
-             f"Regenerate: `python -m mnist_lab.train +study={spec['name']} +launcher=cpu_parallel` (then "
-             f"`python scripts/summarize_sweep.py SWEEP_DIR` rewrites this report from the run dirs).", "",
-             "## Results", "", "Mean ± sample std (n = runs with a value) over seeds; the last column lists "
-             "the headline value of every run, by seed (– : no value).", "",
-             "| configuration | " + " | ".join(label(c) for c in spec["columns"])
-             + f" | {label(headline)} per seed ({', '.join(seeds)}) |",
-             "| --- |" + " ---: |" * len(spec["columns"]) + " --- |"]
-    for key, members in configs.items():
-        cells = [_cell(c, values(members, c), len(members)) for c in spec["columns"]]
-        by_seed = {m["factors"].get("seed", ""): job_value(m, headline, threshold) for m in members}
-        cells.append(", ".join("–" if by_seed.get(seed) is None else _fmt(headline, by_seed[seed]) for seed in seeds))
-        lines.append(f"| {display_name(dict(key), names)} | " + " | ".join(cells) + " |")
-    for metric in spec.get("run_curves", []):  # every run's curve, e.g. val/loss per epoch
-        runs = {display_name(dict(key), names, short=True): [m["history"].get(metric, {}) for m in members]
-                for key, members in configs.items()}
-        name = f"runs_{metric.replace('/', '_')}.png"
-        plot_run_curves(runs, metric, sweep_dir / name, title=f"study: {spec['name']}")
-        spec = {**spec, "plots": [*spec.get("plots", []), name]}
-    plots = [p for p in spec.get("plots", []) if (sweep_dir / p).is_file()]
-    if plots:
-        lines += [""] + [f"![{p.removesuffix('.png').replace('_', ' ')}]({p})" for p in plots]
-
-    lines += ["", "## Comparisons", "",
-              "Difference of the means (a − b, or a − the published figure), 95 % confidence interval, "
-              "two-sided t-test (Welch's for two groups, one-sample against a published figure).", "",
-              "| a | b | metric | a − b | 95 % CI | t | df | p | n | significant (5 %) |",
-              "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | :---: |"]
-    sentences = []
-    for comparison in spec.get("comparisons", []):
-        metric = comparison["metric"]
-        a = values([r for r in completed if matches(r["factors"], comparison["a"])], metric)
-        b = None if "published" in comparison else values(
-            [r for r in completed if matches(r["factors"], comparison["b"])], metric)
-        name_a = display_name(comparison["a"], names)
-        versus = f"published {comparison['published']}" if b is None else display_name(comparison["b"], names)
-        if not a or b == []:
-            selectors = [comparison["a"], *([comparison["b"]] if b is not None else [])]
-            why = ("not in this sweep" if not all(any(matches(r["factors"], s) for r in rows) for s in selectors)
-                   else "no completed run with a value")
-            lines.append(f"| {name_a} | {versus} | {label(metric)} | – | {why} | – | – | – | – | no |")
-            sentences.append(f"{name_a} against {versus}, {label(metric)}: {why}")
-            continue
-        result = compare(a, b, comparison.get("published"))
-        ci = "–" if math.isnan(result["low"]) else f"{_signed(metric, result['low'])} to " \
-                                                   f"{_signed(metric, result['high'])}"
-        n = f"{result['n_a']}" + (f" vs {result['n_b']}" if b is not None else "")
-        nums = ("–", "–", "–") if math.isnan(result["p"]) else (
-            f"{result['t']:.2f}", f"{result['df']:.1f}", f"{result['p']:.3g}")
-        lines.append(f"| {name_a} | {versus} | {label(metric)} | "
-                     f"{_signed(metric, result['diff'])} | {ci} | {' | '.join(nums)} | {n} | "
-                     f"{'yes' if result['significant'] else 'no'} |")
-        short_a, short_b = display_name(comparison["a"], names, short=True), (
-            versus if b is None else display_name(comparison["b"], names, short=True))
-        sentences.append(_sentence(comparison, result, label(metric), short_a, short_b, headline=not sentences))
-    if sentences:
-        lines += ["", "## Answer", "",
-                  f"Headline: {sentences[0]}."
-                  + (f" Other comparisons (a − b): {'; '.join(sentences[1:])}." if sentences[1:] else "")]
-    failed = [r for r in rows if r["status"] != "completed"]
+    report, failed = _Report(spec, rows), [r for r in rows if r["status"] != "completed"]
+    lines = report.header() + report.results(sweep_dir) + report.comparisons()
     if failed:
         lines += ["", f"{len(failed)} jobs did not complete and are left out (their errors: summary.md)."]
-    path = sweep_dir / "report.md"
-    write_text_atomic(path, "\n".join(lines) + "\n")
-    return path
+    write_text_atomic(sweep_dir / "report.md", "\n".join(lines) + "\n")
+    return sweep_dir / "report.md"
+
+
+class _Report:
+    """The parts of one study's ``report.md``, from its ``study`` node and its jobs."""
+
+    def __init__(self, spec: dict, rows: list[dict]):
+        self.spec, self.rows = spec, rows
+        self.threshold, self.names = float(spec.get("threshold", 0.99)), spec.get("names", [])
+        self.completed = [r for r in rows if r["status"] == "completed"]
+        self.varying = varying_factors(rows)
+        self.configs: dict[tuple, list[dict]] = {}
+        for row in self.completed:
+            self.configs.setdefault(tuple((k, row["factors"].get(k)) for k in self.varying), []).append(row)
+        self.seeds = sorted({r["factors"].get("seed", "") for r in rows}, key=lambda s: (len(s), s))  # 2 before 10
+        self.headline = spec["comparisons"][0]["metric"] if spec.get("comparisons") else spec["columns"][0]
+
+    def values(self, members: list[dict], metric: str) -> list[float]:
+        return [v for v in (job_value(m, metric, self.threshold) for m in members) if v is not None]
+
+    def label(self, metric: str) -> str:
+        if metric not in LABELS and ROBUST.fullmatch(metric):
+            return "acc, {} {}".format(*ROBUST.fullmatch(metric).groups())
+        return LABELS.get(metric, metric).format(threshold=self.threshold)
+
+    def header(self) -> list[str]:
+        spec, rows = self.spec, self.rows
+        grid = {k: sorted({r["factors"].get(k) for r in rows}, key=str) for k in self.varying}
+        fixed = sorted({f"{k}={v}" for r in rows for k, v in r["factors"].items()
+                        if k not in self.varying and k != "seed"})
+        points = "; ".join(k + " ∈ {" + ", ".join(v) + "}" for k, v in grid.items()) or "(one configuration)"
+        return [f"# Study: {spec['name']}", "", f"**Question.** {spec['question']}", "",
+                f"**Protocol.** {spec.get('protocol', '')}", "",
+                f"**Grid.** {points}; seeds {', '.join(self.seeds)}: {len(rows)} jobs, {len(self.completed)} completed."
+                + (f" Other overrides of this run: {', '.join(fixed)}." if fixed else ""), "",
+                f"**Cut to fit the time budget.** {spec.get('cut', 'nothing')}", "",
+                f"Regenerate: `python -m mnist_lab.train +study={spec['name']} +launcher=cpu_parallel` (then "
+                f"`python scripts/summarize_sweep.py SWEEP_DIR` rewrites this report from the run dirs)."]
+
+    def results(self, sweep_dir: Path) -> list[str]:
+        """The table (mean ± std (n) per configuration, the headline per seed) and the figures."""
+        columns, headline = self.spec["columns"], self.headline
+        lines = ["", "## Results", "", "Mean ± sample std (n = runs with a value) over seeds; the last column "
+                 "lists the headline value of every run, by seed (– : no value).", "",
+                 "| configuration | " + " | ".join(self.label(c) for c in columns)
+                 + f" | {self.label(headline)} per seed ({', '.join(self.seeds)}) |",
+                 "| --- |" + " ---: |" * len(columns) + " --- |"]
+        for key, members in self.configs.items():
+            cells = [_cell(c, self.values(members, c), len(members)) for c in columns]
+            by_seed = {m["factors"].get("seed", ""): job_value(m, headline, self.threshold) for m in members}
+            cells.append(", ".join("–" if by_seed.get(s) is None else _fmt(headline, by_seed[s]) for s in self.seeds))
+            lines.append(f"| {display_name(dict(key), self.names)} | " + " | ".join(cells) + " |")
+        plots = list(self.spec.get("plots", []))
+        for metric in self.spec.get("run_curves", []):  # every run's curve, e.g. val/loss per epoch
+            runs = {display_name(dict(key), self.names, short=True): [m["history"].get(metric, {}) for m in members]
+                    for key, members in self.configs.items()}
+            plots.append(f"runs_{metric.replace('/', '_')}.png")
+            plot_run_curves(runs, metric, sweep_dir / plots[-1], title=f"study: {self.spec['name']}")
+        plots = [p for p in plots if (sweep_dir / p).is_file()]
+        return lines + ([""] + [f"![{p.removesuffix('.png').replace('_', ' ')}]({p})" for p in plots] if plots else [])
+
+    def comparisons(self) -> list[str]:
+        """The comparisons table (a − b, 95 % CI, t, df, p, n) and the answer, headline first."""
+        lines = ["", "## Comparisons", "",
+                 "Difference of the means (a − b, or a − the published figure), 95 % confidence interval, "
+                 "two-sided t-test (Welch's for two groups, one-sample against a published figure).", "",
+                 "| a | b | metric | a − b | 95 % CI | t | df | p | n | significant (5 %) |",
+                 "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | --- | :---: |"]
+        sentences = []
+        for c in self.spec.get("comparisons", []):
+            metric, label = c["metric"], self.label(c["metric"])
+            a = self.values([r for r in self.completed if matches(r["factors"], c["a"])], metric)
+            b = None if "published" in c else self.values([r for r in self.completed if matches(r["factors"], c["b"])],
+                                                          metric)
+            name_a = display_name(c["a"], self.names)
+            versus = f"published {c['published']}" if b is None else display_name(c["b"], self.names)
+            if not a or b == []:
+                selectors = [c["a"], *([c["b"]] if b is not None else [])]
+                why = ("not in this sweep" if not all(any(matches(r["factors"], s) for r in self.rows)
+                                                      for s in selectors) else "no completed run with a value")
+                lines.append(f"| {name_a} | {versus} | {label} | – | {why} | – | – | – | – | no |")
+                sentences.append(f"{name_a} against {versus}, {label}: {why}")
+                continue
+            result = compare(a, b, c.get("published"))
+            ci = "–" if math.isnan(result["low"]) else f"{_signed(metric, result['low'])} to " \
+                                                       f"{_signed(metric, result['high'])}"
+            n = f"{result['n_a']}" + (f" vs {result['n_b']}" if b is not None else "")
+            nums = ("–", "–", "–") if math.isnan(result["p"]) else (
+                f"{result['t']:.2f}", f"{result['df']:.1f}", f"{result['p']:.3g}")
+            lines.append(f"| {name_a} | {versus} | {label} | {_signed(metric, result['diff'])} | {ci} | "
+                         f"{' | '.join(nums)} | {n} | {'yes' if result['significant'] else 'no'} |")
+            short_b = versus if b is None else display_name(c["b"], self.names, short=True)
+            sentences.append(_sentence(c, result, label, display_name(c["a"], self.names, short=True), short_b,
+                                       headline=not sentences))
+        if sentences:
+            lines += ["", "## Answer", "", f"Headline: {sentences[0]}."
+                      + (f" Other comparisons (a − b): {'; '.join(sentences[1:])}." if sentences[1:] else "")]
+        return lines

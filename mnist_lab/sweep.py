@@ -1,20 +1,12 @@
-"""Sweep summaries: one table and a few plots for a Hydra multirun sweep dir.
+"""Sweep summaries: one table and a few plots for a Hydra multirun sweep dir (a job dir per override
+set, each with Hydra's ``.hydra/overrides.yaml`` and, once the job ended, its ``metrics.json``).
 
-A sweep dir holds one job dir per override set (``outputs/sweeps/<time>/model.depth=2,seed=0/``),
-each with Hydra's ``.hydra/overrides.yaml`` and, once the job has ended, our ``metrics.json``
-(``status: completed``, or ``failed`` / ``diverged`` / ``interrupted`` with the error).
-:func:`write_summary` turns it into
-
-- ``summary.csv`` (written atomically, as ``summary.md``): one row per job: the network's class, every
-  override as a column, trainable parameters, test and best val metrics, epochs, train seconds, status and error;
-- ``summary.md``: the completed jobs grouped over ``seed`` (mean ± sample std, n), the Pareto front
-  (accuracy against trainable parameters), and every job that failed or did not finish, with its error;
-- ``acc_vs_params.png`` (one marker per architecture, the Pareto front drawn), ``val_curves.png``,
-  ``train_val_gap.png``, ``robustness.png`` (accuracy vs perturbation strength, one line per
-  configuration) and, for a grid of exactly two factors, ``heatmap.png``.
-
-It runs automatically when a multirun ends (:class:`SweepSummary`, a Hydra callback) and by hand
-with ``python scripts/summarize_sweep.py SWEEP_DIR`` (also on a partly failed or unfinished sweep).
+:func:`write_summary` writes ``summary.csv`` (a row per job: architecture, every override, the
+:data:`METRICS`, status, error), ``summary.md`` (jobs grouped over ``seed``: mean ± sample std (n), the
+Pareto front, the jobs that did not complete) and the figures (accuracy against parameters and against
+FLOPs with the Pareto front, val curves, train−val gap, robustness, and for a two-factor grid a heatmap).
+It runs when a multirun ends (:class:`mnist_lab.hydra_callbacks.SweepSummary`) and by hand with
+``python scripts/summarize_sweep.py SWEEP_DIR`` (also on a partly failed or unfinished sweep).
 """
 
 from __future__ import annotations
@@ -24,30 +16,20 @@ import io
 import json
 import math
 import statistics
-import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
-from mnist_lab.plots import (
-    plot_acc_vs_params,
-    plot_heatmap,
-    plot_robustness,
-    plot_train_val_gap,
-    plot_val_curves,
-    read_epoch_metrics,
-)
-from mnist_lab.rundir import RunDir, write_text_atomic
+from mnist_lab.plots import plot_acc_vs_params, plot_heatmap, plot_robustness, plot_train_val_gap, plot_val_curves
+from mnist_lab.rundir import RunDir, read_epoch_metrics, write_text_atomic
 
 #: metrics.json values copied into summary.csv, in this order.
 METRICS = ("params_trainable", "test/acc", "test/loss", "test/precision_macro", "test/recall_macro",
            "test/f1_macro", "best_val/loss", "best_val/acc", "last_train/acc", "last_val/acc", "epochs",
-           "train_seconds", "test/ece", "robustness/mean", "robustness/rotation_20", "robustness/translation_4")
-
-
+           "train_seconds", "test/ece", "robustness/mean", "robustness/rotation_20", "robustness/translation_4",
+           "flops_per_image")
 _PARSER = OverridesParser.create()
 
 
@@ -59,18 +41,13 @@ def parse_override(text: str) -> tuple[str, str]:
     return override.key_or_group, str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _job_dirs(sweep_dir: Path) -> list[Path]:
-    # rglob: an override value with a '/' (a path) nests the job dir one level deeper
-    return sorted(p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml"))
-
-
 def collect(sweep_dir: str | Path) -> list[dict]:
     """One dict per job dir: ``job``, ``status``, ``factors`` (override -> value, without the keys
     Hydra's ``override_dirname`` excludes, e.g. ``sweep``), the :data:`METRICS`, ``error`` and
     ``history`` (per-epoch metrics from ``metrics.csv``)."""
     sweep_dir = Path(sweep_dir)
     rows = []
-    for job in _job_dirs(sweep_dir):
+    for job in sorted(p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")):  # a '/' in a value nests
         hydra_cfg = OmegaConf.load(job / ".hydra" / "hydra.yaml")
         exclude = set(OmegaConf.select(hydra_cfg, "hydra.job.config.override_dirname.exclude_keys") or [])
         overrides = OmegaConf.load(job / ".hydra" / "overrides.yaml")
@@ -86,7 +63,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             **{k: metrics.get(k) for k in METRICS},
             "error": metrics.get("error", "" if metrics.get("status") != "incomplete"
                                  else "no metrics.json: the job was killed or is still running"),
-            "history": read_epoch_metrics(run.history) if run.history.is_file() else {},
+            "history": read_epoch_metrics(run.history),
             "robustness": json.loads(run.robustness.read_text())["accuracy"] if run.robustness.is_file() else {},
         })
     return rows
@@ -153,11 +130,11 @@ def aggregate(rows: list[dict], group_out: str = "seed") -> list[dict]:
     return out
 
 
-def pareto_front(groups: list[dict], metric: str = "test/acc") -> list[dict]:
-    """The configurations no other beats with fewer or as many trainable parameters: sorted by
-    parameters, each more accurate (mean ``metric``) than every smaller one."""
+def pareto_front(groups: list[dict], metric: str = "test/acc", cost: str = "params_trainable") -> list[dict]:
+    """The configurations no other beats at the same or a lower ``cost`` (trainable parameters, or
+    ``flops_per_image``): sorted by cost, each more accurate (mean ``metric``) than every cheaper one."""
     front, best = [], -math.inf
-    for g in sorted(groups, key=lambda g: (g["params_trainable"][0], -g[metric][0])):
+    for g in sorted(groups, key=lambda g: (g[cost][0], -g[metric][0])):
         if g[metric][0] > best:
             front.append(g)
             best = g[metric][0]
@@ -193,9 +170,15 @@ def write_summary(sweep_dir: str | Path, title: str | None = None) -> dict:
                          *(r["factors"].get(k, "") for k in factor_keys),
                          *("" if r[k] is None else r[k] for k in METRICS), r["error"]])
     write_text_atomic(files[0], table.getvalue())
-
     groups = aggregate(rows)
-    failed = [r for r in rows if r["status"] != "completed"]
+    write_text_atomic(files[1], "\n".join(_summary_lines(sweep_dir, rows, groups)) + "\n")
+    if groups:
+        files += _plots(sweep_dir, groups, varying_factors(rows), title or sweep_dir.name)
+    return {"rows": rows, "groups": groups, "files": files, "failed": [r for r in rows if r["status"] != "completed"]}
+
+
+def _summary_lines(sweep_dir: Path, rows: list[dict], groups: list[dict]) -> list[str]:
+    """``summary.md``: counts, the table of configurations, the Pareto front, Optuna's best trial, failures."""
     varying = varying_factors(rows)
     fixed = sorted({f"{k}={v}" for r in rows for k, v in r["factors"].items() if k not in varying and k != "seed"})
     statuses = Counter(r["status"] for r in rows)
@@ -207,13 +190,13 @@ def write_summary(sweep_dir: str | Path, title: str | None = None) -> dict:
              "perturbations of the evaluation suite (rotation, shift, zoom, noise, elastic; strength > 0).", "",
              f"Factors: {', '.join(varying) or '(none)'}. Same for every job: {', '.join(fixed) or '(nothing)'}.", "",
              "| configuration | n | test acc | test macro-F1 | best val acc | robust acc | trainable params "
-             "| epochs | train s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| FLOPs / image | epochs | train s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for g in groups:
-        params = g["params_trainable"][0]
+        flops = g["flops_per_image"][0]
         lines.append(f"| {g['label']} | {g['n']} | {_fmt(g['test/acc'])} | {_fmt(g['test/f1_macro'])} | "
-                     f"{_fmt(g['best_val/acc'])} | {_fmt(g['robustness/mean'])} | {params:,.0f} | "
-                     f"{g['epochs'][0]:.1f} | "
+                     f"{_fmt(g['best_val/acc'])} | {_fmt(g['robustness/mean'])} | {g['params_trainable'][0]:,.0f} | "
+                     f"{'–' if math.isnan(flops) else f'{flops:,.0f}'} | {g['epochs'][0]:.1f} | "
                      f"{g['train_seconds'][0]:.1f} |")
     front = pareto_front(groups)
     if len(groups) > 1 and front:
@@ -226,60 +209,27 @@ def write_summary(sweep_dir: str | Path, title: str | None = None) -> dict:
         if "best_params" in best:
             lines += ["", f"Optuna's best trial (objective: best val acc = {best.best_value:.4f}): "
                       + ", ".join(f"{k}={v}" for k, v in best.best_params.items()) + "."]
+    failed = [r for r in rows if r["status"] != "completed"]
     if failed:
         lines += ["", "## Jobs that did not complete", "", "| job | status | error |", "| --- | --- | --- |"]
         lines += [f"| {r['job']} | {r['status']} | {r['error'].replace('|', '/').splitlines()[0]} |"
                   for r in failed]
-    write_text_atomic(files[1], "\n".join(lines) + "\n")
-
-    if groups:
-        title = title or sweep_dir.name
-        files.append(plot_acc_vs_params(groups, sweep_dir / "acc_vs_params.png", title=title, front=front))
-        files.append(plot_val_curves(groups, sweep_dir / "val_curves.png", title=title))
-        files.append(plot_train_val_gap(groups, sweep_dir / "train_val_gap.png", title=title))
-        robust = {g["label"]: g["robustness"] for g in groups if g["robustness"]}
-        if robust:
-            files.append(plot_robustness(robust, sweep_dir / "robustness.png", title=f"{title}: mean over seeds"))
-        if len(varying) == 2:
-            files.append(plot_heatmap(groups, varying[0], varying[1], sweep_dir / "heatmap.png", title=title))
-    return {"rows": rows, "groups": groups, "files": files, "failed": failed}
+    return lines
 
 
-class SweepSummary(Callback):
-    """Hydra callback (``hydra.callbacks.sweep_summary`` in ``conf/train.yaml``): writes the summary
-    (and, for a study, its ``report.md``: :mod:`mnist_lab.study`) when a multirun ends, and exits with
-    code 1 if any job failed (after writing them)."""
-
-    # Hydra turns an exception in a callback into a warning and exits 0: errors exit here, with code 1.
-
-    def on_multirun_start(self, config, **kwargs) -> None:
-        from mnist_lab.errors import ConfigError
-        from mnist_lab.study import check_spec  # study builds on this module
-
-        if config.get("study") is not None:
-            keys = {parse_override(o)[0] for o in config.hydra.overrides.task}
-            keys |= {k.lstrip("+~") for k in (OmegaConf.select(config, "hydra.sweeper.params") or {})}
-            try:
-                check_spec(OmegaConf.to_container(config.study, resolve=True), keys)
-            except ConfigError as e:
-                print(f"error: {e}", file=sys.stderr)
-                sys.exit(1)
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        from mnist_lab.study import write_report
-
-        sweep_dir, study = Path(config.hydra.sweep.dir), config.get("study")
-        try:
-            result = write_summary(sweep_dir, title=f"study: {study.name}" if study is not None else None)
-            print(f"sweep dir: {sweep_dir}")
-            print(f"summary: {sweep_dir / 'summary.md'} ({len(result['rows'])} jobs)")
-            if study is not None:
-                report = write_report(sweep_dir, OmegaConf.to_container(study, resolve=True), result["rows"])
-                print(f"report: {report}")
-        except Exception as e:  # noqa: BLE001 - reported, and the exit code says it
-            print(f"error: the sweep summary of {sweep_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            sys.exit(1)
-        if result["failed"]:
-            print(f"{len(result['failed'])} of {len(result['rows'])} jobs did not complete; "
-                  "their errors are in summary.md", file=sys.stderr)
-            sys.exit(1)
+def _plots(sweep_dir: Path, groups: list[dict], varying: list[str], title: str) -> list[Path]:
+    """The sweep's figures: accuracy against parameters and against FLOPs (where the runs counted them),
+    val curves, the train−val gap, robustness and, for a grid of two factors, the heatmap."""
+    files = [plot_acc_vs_params(groups, sweep_dir / "acc_vs_params.png", title=title, front=pareto_front(groups))]
+    counted = [g for g in groups if not math.isnan(g["flops_per_image"][0])]
+    if counted:
+        files.append(plot_acc_vs_params(counted, sweep_dir / "acc_vs_flops.png", title=title, x="flops_per_image",
+                                        front=pareto_front(counted, cost="flops_per_image")))
+    files.append(plot_val_curves(groups, sweep_dir / "val_curves.png", title=title))
+    files.append(plot_train_val_gap(groups, sweep_dir / "train_val_gap.png", title=title))
+    robust = {g["label"]: g["robustness"] for g in groups if g["robustness"]}
+    if robust:
+        files.append(plot_robustness(robust, sweep_dir / "robustness.png", title=f"{title}: mean over seeds"))
+    if len(varying) == 2:
+        files.append(plot_heatmap(groups, varying[0], varying[1], sweep_dir / "heatmap.png", title=title))
+    return files

@@ -1,14 +1,10 @@
 """Batched image transforms: uint8 to [0, 1], a per-image random affine, robustness perturbations.
 
-All transforms work on whole batches on the device the batch lives on (CPU or GPU); there is
-no per-image Python. torchvision's v2 transforms draw one random transform per call, i.e. one
-for the whole batch, so per-image augmentation is done here with one ``F.affine_grid`` matrix
-per image and a single ``F.grid_sample`` call.
-
-Conventions (the same as ``torchvision.transforms.v2.RandomAffine``): angles in degrees,
-positive = counter-clockwise as the image is displayed; shifts in pixels, +x = right,
-+y = down; scale > 1 enlarges the digit. Pixels that come from outside the image are 0
-(background).
+Whole batches on their own device, no per-image Python: torchvision's v2 transforms draw one random
+transform per call (one per batch), so per-image augmentation is one ``F.affine_grid`` matrix per image
+and a single ``F.grid_sample``. Conventions as ``torchvision.transforms.v2.RandomAffine``: degrees,
+positive counter-clockwise as displayed; shifts in pixels, +x right, +y down; scale > 1 enlarges;
+pixels from outside the image are 0 (background).
 """
 
 from __future__ import annotations

@@ -15,14 +15,8 @@ from torchvision.transforms.v2.functional import resize
 
 from mnist_lab import Classifier, MNISTDataModule, load_config, train
 from mnist_lab.errors import ConfigError
-from mnist_lab.evaluate import (
-    calibration,
-    error_analysis,
-    evaluate_checkpoint,
-    evaluate_robustness,
-    fit_temperature,
-    load_checkpoint,
-)
+from mnist_lab.evaluate import evaluate_checkpoint, evaluate_model
+from mnist_lab.metrics import calibration, error_analysis, fit_temperature
 from mnist_lab.predict import predict_files, to_mnist_form
 from mnist_lab.transforms import perturb, to_unit
 
@@ -153,22 +147,26 @@ def test_evaluate_cli_on_a_run_dir(trained_run, tmp_path):
 
 def test_robustness_of_a_model_on_the_same_seed_is_repeatable(trained_run):
     out, metrics = trained_run
-    model, dm = load_checkpoint(out / metrics["test_ckpt"])
+    model = Classifier.load_from_checkpoint(out / metrics["test_ckpt"])
+    dm = MNISTDataModule.load_from_checkpoint(out / metrics["test_ckpt"])
     small = {"rotation": [0, 30], "noise": [0.3]}
-    first = evaluate_robustness(model, dm, small, seed=5)
-    assert first == evaluate_robustness(model, dm, small, seed=5)
+    first = evaluate_model(model, dm, perturbations=small, seed=5)["robustness"]
+    assert first == evaluate_model(model, dm, perturbations=small, seed=5)["robustness"]
     assert first["rotation"]["0"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert first != evaluate_model(model, dm, perturbations=small, seed=6)["robustness"]  # the seed is used
 
 
-def test_load_checkpoint_rejects_files_that_are_not_mnist_lab_checkpoints(tmp_path):
+def test_load_from_checkpoint_rejects_files_that_are_not_mnist_lab_checkpoints(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
     with pytest.raises(ConfigError, match="not an mnist_lab checkpoint"):
-        load_checkpoint(tmp_path / "other.ckpt")
+        Classifier.load_from_checkpoint(tmp_path / "other.ckpt")
+    with pytest.raises(ConfigError, match="does not describe its data"):
+        MNISTDataModule.load_from_checkpoint(tmp_path / "other.ckpt")
     torch.save({"state_dict": {}, "hyper_parameters": {"net_config": {"depth": 2}}}, tmp_path / "old.ckpt")
     with pytest.raises(ConfigError, match="written by mnist_lab 0.1, .* retrain it"):
-        load_checkpoint(tmp_path / "old.ckpt")
+        Classifier.load_from_checkpoint(tmp_path / "old.ckpt")
     with pytest.raises(ConfigError, match="does not exist"):
-        load_checkpoint(tmp_path / "missing.ckpt")
+        Classifier.load_from_checkpoint(tmp_path / "missing.ckpt")
 
 
 # ---------------------------------------------------------------- predict on image files
@@ -237,7 +235,7 @@ def test_predict_classifies_image_files_in_any_form_and_reports_bad_files(synthe
     digits = tmp_path / "digits"
     digits.mkdir()
     write_variants(digits)
-    model, _ = load_checkpoint(ckpt)
+    model = Classifier.load_from_checkpoint(ckpt)
     rows = {r["file"].rsplit("/", 1)[-1]: r for r in predict_files(model, sorted(digits.iterdir()))}
     for c in range(10):
         for form in ("mnist", "paper"):
@@ -255,6 +253,12 @@ def test_predict_classifies_image_files_in_any_form_and_reports_bad_files(synthe
     assert lines["paper_7.png"].split()[1] == "7" and "error: empty file" in lines["empty.png"]
     assert "3 of 23 files could not be classified" in proc.stderr
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 24
+    # none classified: the table says why for each file, then one error line and exit code 2
+    bad = subprocess.run([sys.executable, "-m", "mnist_lab.predict", f"ckpt_path={ckpt}",
+                          f"inputs=[{digits / 'broken.png'},{digits / 'empty.png'}]"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "error: empty file" in bad.stdout
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: none of the 2 files could be classified")
 
 
 def test_evaluate_several_checkpoints_reports_each_and_their_ensemble(synthetic_root, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import QUIET, run_module, synthetic_digits
 from PIL import Image
-from test_models import FAMILIES
+from test_models import families, stated_parameters
 from torch import nn
 
 from mnist_lab import Classifier, evaluate_checkpoint, load_config, predict_files, to_unit
@@ -18,7 +18,7 @@ from mnist_lab.predict import load_image
 SHORT = ["trainer.max_epochs=2", "trainer.limit_train_batches=6", "eval.max_images=50", *QUIET]
 
 
-@pytest.mark.parametrize("preset", ["resnet_20k", "depthwise_3k", "vit_70k"])
+@pytest.mark.parametrize("preset", [names[0] for names in families().values()])  # each family's smallest preset
 def test_a_family_trains_resumes_evaluates_and_predicts(preset, synthetic_root, tmp_path):
     run = tmp_path / "run"
     kill = [f"+callbacks.kill.{k}={v}" for k, v in
@@ -53,7 +53,8 @@ def test_record_experiments_keep_their_parameter_budget_and_protocol(experiment,
     on val/loss, never on the test set."""
     cfg = load_config([f"+experiment={experiment}"])
     model = build(cfg.model, "model", base=nn.Module)
-    assert (model.name, count_parameters(model)) == (preset, FAMILIES[preset]) and FAMILIES[preset] <= budget
+    assert (model.name, count_parameters(model)) == (preset, stated_parameters(preset))
+    assert stated_parameters(preset) <= budget
     assert (cfg.data.split, cfg.data.augment, cfg.trainer.max_epochs) == ("official", True, epochs)
     assert cfg.callbacks.early_stopping is None and cfg.test_ckpt == "best"
     assert cfg.callbacks.best_checkpoint.monitor == "val/loss"

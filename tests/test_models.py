@@ -7,41 +7,60 @@ import pytest
 import torch
 from torch import nn
 
+from mnist_lab.config import CONF_DIR
 from mnist_lab.errors import ConfigError
 from mnist_lab.models import ConvNet, build_model, count_parameters, list_presets, model_config
 
-# trainable parameters of the published architectures (valid 3x3 convs, 2x2 max-pool)
-PUBLISHED = {"fc": 101_770, "conv1": 693_962, "conv2": 225_034, "conv2_bn": 225_482, "conv3": 93_322}
-# the other families' presets (README table); by hand for resnet_20k: stem 9*8 = 72; stage 1 (8 -> 8):
-# 2 BN (2*8 each) + 2 convs (9*8*8 each) = 1,184; stage 2 (8 -> 16, stride 2): BN 16 + conv 1,152 + BN 32
-# + conv 2,304 + 1x1 projection 128 = 3,632; stage 3 (16 -> 32): 32 + 4,608 + 64 + 9,216 + 512 = 14,432;
-# head BN 64 + Linear 330 = 394; total 19,714. By hand for depthwise_5k (the tiny record): stem 9*8 + BN 16
-# = 88; a block c_in -> c_out costs 9 c_in + 2 c_in (BN) + c_in c_out + 2 c_out (BN): 8->16 248, 16->24 608,
-# 24->32 1,096, 32->48 1,984; Linear 48*10 + 10 = 490; total 4,514
-FAMILIES = {"resnet_20k": 19_714, "resnet_80k": 77_562, "resnet_220k": 222_250, "resnet_270k": 271_994,
-            "depthwise_3k": 2_858, "depthwise_5k": 4_514, "depthwise_9k": 9_034, "depthwise_32k": 31_946,
-            "vit_70k": 72_074, "vit_140k": 139_018, "vit_300k": 306_826}
-BASES = {"convnet": 225_034, "resnet": 77_562, "depthwise": 9_034, "vit": 139_018}
+
+def stated_parameters(preset: str) -> int:
+    """The trainable-parameter count a preset's YAML states ("N trainable parameters"), with its source."""
+    found = re.search(r"([\d,]+) trainable parameters", (CONF_DIR / "model" / f"{preset}.yaml").read_text())
+    assert found, f"conf/model/{preset}.yaml does not state its trainable parameters"
+    return int(found.group(1).replace(",", ""))
+
+
+def families() -> dict[str, list[str]]:
+    """The presets of ``conf/model/``, grouped by the network class they build, smallest first."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(list_presets(), key=stated_parameters):
+        groups.setdefault(model_config(name)["_target_"], []).append(name)
+    return groups
 
 
 def kinds(seq: nn.Sequential) -> list[str]:
     return [type(m).__name__ for m in seq]
 
 
-def test_presets_are_the_published_set_the_families_and_their_bases():
-    assert list_presets() == sorted([*PUBLISHED, *FAMILIES, *BASES])
-
-
-@pytest.mark.parametrize(("name", "count"), {**FAMILIES, **BASES}.items())
-def test_family_preset_has_its_parameter_count_and_maps_images_to_logits(name, count):
+@pytest.mark.parametrize("name", list_presets())
+def test_every_preset_has_the_parameter_count_its_yaml_states_and_maps_images_to_logits(name):
     model = build_model(name)
-    assert count_parameters(model) == count
+    assert count_parameters(model) == stated_parameters(name)
+    assert model_config(name).get("name") in (name, None)  # a family's base yaml leaves the name to the class
     assert model.eval()(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
 
 
-def test_the_family_base_is_convnets_defaults_so_presets_state_only_what_differs():
+def test_published_counts_and_two_family_counts_by_hand():
+    # the published tables (conf/model/<name>.yaml cite them)
+    assert {n: stated_parameters(n) for n in ("fc", "conv1", "conv2", "conv2_bn", "conv3")} == {
+        "fc": 101_770, "conv1": 693_962, "conv2": 225_034, "conv2_bn": 225_482, "conv3": 93_322}
+    # resnet_20k: stem 9*8 = 72; stage 1 (8 -> 8): 2 BN (2*8 each) + 2 convs (9*8*8 each) = 1,184; stage 2
+    # (8 -> 16, stride 2): BN 16 + conv 1,152 + BN 32 + conv 2,304 + 1x1 projection 128 = 3,632; stage 3
+    # (16 -> 32): 32 + 4,608 + 64 + 9,216 + 512 = 14,432; head BN 64 + Linear 330 = 394
+    assert stated_parameters("resnet_20k") == 72 + 1_184 + 3_632 + 14_432 + 394
+    # depthwise_5k (the tiny record): stem 9*8 + BN 16 = 88; a block c_in -> c_out costs 9 c_in + 2 c_in (BN)
+    # + c_in c_out + 2 c_out (BN): 8->16 248, 16->24 608, 24->32 1,096, 32->48 1,984; Linear 48*10 + 10 = 490
+    assert stated_parameters("depthwise_5k") == 88 + 248 + 608 + 1_096 + 1_984 + 490
+
+
+def test_every_family_has_its_base_yaml_so_presets_state_only_what_differs():
+    for target, names in families().items():
+        bases = [n for n in names if "defaults" not in (CONF_DIR / "model" / f"{n}.yaml").read_text()]
+        assert len(bases) == 1, (target, bases)
+
+
+def test_the_convnet_base_is_convnets_defaults():
     base = model_config("convnet")
-    assert base == {"_target_": "mnist_lab.models.ConvNet", **{
+    assert base == {"_target_": "mnist_lab.models.convnet.ConvNet", **{
         k: list(p.default) if isinstance(p.default, tuple) else p.default
         for k, p in inspect.signature(ConvNet).parameters.items()}}
     assert model_config("conv2") == {**base, "name": "conv2"}
@@ -49,17 +68,9 @@ def test_the_family_base_is_convnets_defaults_so_presets_state_only_what_differs
                                         "dense_dropout": 0.5, "batchnorm": True}
 
 
-@pytest.mark.parametrize(("name", "count"), PUBLISHED.items())
-def test_preset_has_the_published_parameter_count(name, count):
-    model = build_model(name)
-    assert count_parameters(model) == count
-    assert model.name == name
-    assert model.eval()(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
-
-
 def test_conv2_with_dropout_adds_one_dropout_after_the_second_pool():
     model = build_model("conv2", dropout=0.25)
-    assert count_parameters(model) == PUBLISHED["conv2"]
+    assert count_parameters(model) == stated_parameters("conv2")
     assert kinds(model.backbone) == ["Conv2d", "ReLU", "MaxPool2d", "Conv2d", "ReLU", "MaxPool2d", "Dropout", "Flatten"]
     assert model.backbone[6].p == 0.25
     assert kinds(model.head) == ["Linear", "ReLU", "Linear"]
@@ -150,7 +161,7 @@ def test_the_activation_is_used_after_every_conv_and_the_dense_layer(activation,
     model = build_model("conv3", activation=activation)
     assert sum(isinstance(m, layer) for m in model.modules()) == 4
     assert sum(isinstance(m, (nn.ReLU, nn.GELU, nn.SiLU)) for m in model.modules()) == 4
-    assert count_parameters(model) == PUBLISHED["conv3"]
+    assert count_parameters(model) == stated_parameters("conv3")
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -11,7 +11,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mnist_lab import MNISTDataModule, model_config
 from mnist_lab.errors import ConfigError
-from mnist_lab.evaluate import classification_metrics, error_analysis, predict_logits
+from mnist_lab.evaluate import predict
+from mnist_lab.evaluation import EvaluationSuite
+from mnist_lab.metrics import error_analysis
 from mnist_lab.module import Classifier
 
 
@@ -56,11 +58,15 @@ def test_test_metrics_equal_hand_computed_values():
     assert result["test/recall_macro"] == pytest.approx(sum(recall) / 4, abs=1e-6)
     assert result["test/f1_macro"] == pytest.approx(sum(f1) / 4, abs=1e-6)
     assert result["test/loss"] == pytest.approx((6 * right + 2 * wrong) / 8, abs=1e-6)
-    # the run's own path (mnist_lab.evaluate: predict_logits, then the same torchmetrics) agrees
-    logits = predict_logits(module, x, batch_size=3)
-    assert classification_metrics(logits, y_true) == pytest.approx(result, abs=1e-6)
+    # the evaluation suite reads the same test (one inference path): the same figures, and its confusion
+    # matrix from the logits the module returned; Trainer.predict gives those logits too
+    suite = EvaluationSuite(full=False)
+    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[suite]).test(module, dataloaders=batches, verbose=False)
+    assert {k: suite.result[k] for k in result} == pytest.approx(result, abs=1e-6)
     expected_cm = [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 2, 0], [0, 0, 0, 1]]
-    assert error_analysis(logits, y_true)["confusion"] == expected_cm
+    assert suite.result["confusion"] == expected_cm and suite.result["n_test"] == 8
+    assert error_analysis(predict(module, x), y_true)["confusion"] == expected_cm
 
 
 def test_default_optimizer_is_adam_lr_1e3_and_scheduler_is_wired():
@@ -91,7 +97,7 @@ def test_a_config_net_is_built_and_saved_as_plain_data():
     model = Classifier(model_config("conv2", dropout=0.25), optimizer={"_target_": "torch.optim.SGD",
                                                                        "_partial_": True, "lr": 0.1})
     assert model.net.name == "conv2" and model.net.backbone[6].p == 0.25
-    assert model.hparams.net["_target_"] == "mnist_lab.models.ConvNet" and model.hparams.net["dropout"] == 0.25
+    assert model.hparams.net["_target_"] == "mnist_lab.models.convnet.ConvNet" and model.hparams.net["dropout"] == 0.25
     opt = model.configure_optimizers()
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == 0.1
     # an object is used, not saved: its checkpoint could not load with weights_only=True

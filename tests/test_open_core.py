@@ -2,6 +2,7 @@
 checkpoints from anyone are loaded safely (nothing in them can run code)."""
 
 import json
+import os
 import textwrap
 
 import pytest
@@ -11,7 +12,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from mnist_lab import Classifier, load_config, to_unit
+from mnist_lab.errors import ConfigError
 from mnist_lab.predict import load_image
+from mnist_lab.rundir import read_checkpoint
 
 TINYNET = '''
 import torch
@@ -109,6 +112,25 @@ class Payload:
 
     def __reduce__(self):
         return open, (self.marker, "w")
+
+
+class SystemPayload:
+    """Unpickling this calls ``os.system``: torch blocks its whole module (``posix``), with another message."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_every_refused_pickle_is_called_refused_and_the_code_named(tmp_path):
+    for payload, code in ((Payload(tmp_path / "a"), "io.open"), (SystemPayload(tmp_path / "b"), "posix.system")):
+        torch.save({"state_dict": {}, "hyper_parameters": payload}, tmp_path / "x.ckpt")
+        with pytest.raises(ConfigError, match=rf"refused .*x.ckpt: loading it would call Python code \({code}\), so "
+                                              "it was not loaded. It is a PyTorch checkpoint"):
+            read_checkpoint(tmp_path / "x.ckpt")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def fake_run_dir(root, synthetic_root):

@@ -9,7 +9,7 @@ from conftest import QUIET, run_module
 
 from mnist_lab import Classifier, load_config, model_config, train
 from mnist_lab.errors import ConfigError
-from mnist_lab.plots import read_epoch_metrics
+from mnist_lab.rundir import read_epoch_metrics
 
 SHORT = ["model=fc", "trainer.max_epochs=2", "trainer.limit_train_batches=4", "eval.full=false", "plots=false",
          *QUIET]

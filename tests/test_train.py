@@ -2,12 +2,13 @@
 
 import csv
 import json
+import subprocess
 
 import lightning as L
 import matplotlib.image
 import pytest
 import torch
-from conftest import QUIET, run_module
+from conftest import QUIET, REPO, run_module
 
 from mnist_lab import Classifier, MNISTDataModule, build_model, load_config, model_config, train
 from mnist_lab.errors import ConfigError
@@ -143,3 +144,40 @@ def test_per_step_loss_is_logged_every_n_steps_only_when_asked(synthetic_root, t
     train(load_config(common), tmp_path / "epochs")
     with open(tmp_path / "epochs" / "metrics.csv") as f:
         assert "train/loss_step" not in next(csv.reader(f))  # per epoch only by default
+
+
+def test_zero_epochs_tests_the_untrained_network(synthetic_root, tmp_path):
+    """trainer.max_epochs=0 is a baseline, not a traceback: nothing is trained (no checkpoint, no
+    curves) and the test reads the initial weights."""
+    cfg = load_config(["model=fc", f"data.root={synthetic_root}", "trainer.max_epochs=0", "eval.full=false",
+                       *QUIET])
+    metrics = train(cfg, tmp_path / "run")
+    assert (metrics["status"], metrics["epochs"], metrics["best_epoch"], metrics["test_ckpt"]) == (
+        "completed", 0, None, None)
+    assert 0 < metrics["test/acc"] < 0.4  # chance is 0.1: the untrained net
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "curves.png").exists()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+
+
+def test_a_run_prints_lightnings_useful_lines_without_its_noise_and_counts_flops(synthetic_root, tmp_path):
+    proc = run_module("mnist_lab.train", ["model=conv2", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                                          "eval.full=false", "plots=false", "trainer.enable_progress_bar=false",
+                                          f"hydra.run.dir={tmp_path / 'run'}"], synthetic_root, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = proc.stdout + proc.stderr
+    assert "GPU available:" in printed and "`Trainer.fit` stopped" in printed  # Lightning's useful lines
+    for noise in ("TPU available", "litlogger", "litmodels", "LeafSpec", "smaller than the logging interval"):
+        assert noise not in printed, noise
+    # conv2's forward FLOPs per image, by hand (a multiply-add is 2): conv 26*26*32*9*2 + conv 11*11*64*288*2
+    # + dense 1600*128*2 + dense 128*10*2
+    flops = 26 * 26 * 32 * 9 * 2 + 11 * 11 * 64 * 288 * 2 + 1600 * 128 * 2 + 128 * 10 * 2
+    assert flops == 5_262_080 and "Total FLOPs: 5.3 M" in printed
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["flops_per_image"] == flops
+    assert metrics["mnist_lab_version"] == "0.3.0" and metrics["torch_version"] == torch.__version__
+    assert metrics["lightning_version"] == L.__version__ and metrics["device_name"]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert metrics["git_commit"] == (head.stdout.strip() if (REPO / ".git").exists() else None)
+    assert isinstance(metrics["git_dirty"], bool) or metrics["git_commit"] is None
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-2] == f"run dir: {tmp_path / 'run'}" and lines[-1].startswith("test/acc: ")

@@ -19,18 +19,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mnist_lab.errors import ConfigError
+from mnist_lab.errors import ConfigError, check_rate
 
 #: ``model.activation`` names -> layers (ReLU is the published choice; GELU, Hendrycks & Gimpel 2016;
 #: SiLU, Elfwing et al. 2018).
 ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU, "silu": lambda: nn.SiLU(inplace=True)}
-
-
-def _check_rate(name: str, p: float) -> float:
-    if not 0.0 <= p < 1.0:
-        raise ConfigError(f"model.{name}={p} is outside [0, 1): it is the probability of zeroing a unit; "
-                          f"use e.g. model.{name}=0.25 (0 turns it off)")
-    return float(p)
 
 
 class ConvNet(nn.Module):
@@ -98,7 +91,7 @@ class ConvNet(nn.Module):
                 "model.pool=[true,true,false,false]")
         if dense_units < 0:
             raise ConfigError(f"model.dense_units={dense_units} must be >= 0 (0 = no hidden layer)")
-        dropout, dense_dropout = _check_rate("dropout", dropout), _check_rate("dense_dropout", dense_dropout)
+        dropout, dense_dropout = check_rate("model.dropout", dropout), check_rate("model.dense_dropout", dense_dropout)
         for key, value, choices in (("padding", padding, ("valid", "same")), ("activation", activation, ACTIVATIONS),
                                     ("head", head, ("flatten", "gap"))):
             if value not in choices:
@@ -109,9 +102,17 @@ class ConvNet(nn.Module):
             raise ConfigError(f"model.width={width} must be > 0 (1 = the preset's widths)")
         channels = [max(1, round(c * width)) for c in channels]
         dense_units = max(1, round(dense_units * width)) if dense_units else 0
-        act = ACTIVATIONS[activation]
         self.name = name or f"convnet_d{depth}"
+        self.backbone, c, size = self._backbone(depth, channels, pool, kernel_size, padding, ACTIVATIONS[activation],
+                                                head, dropout, dropout_all_blocks, batchnorm, in_channels, image_size)
+        self.num_features = c * size * size
+        self.head = self._head(self.num_features, dense_units, ACTIVATIONS[activation], dense_dropout, batchnorm,
+                               num_classes)
 
+    @staticmethod
+    def _backbone(depth, channels, pool, kernel_size, padding, act, head, dropout, dropout_all_blocks, batchnorm,
+                  in_channels, image_size) -> tuple[nn.Sequential, int, int]:
+        """The conv blocks, then Flatten; returns it with the output channels and feature-map side (px)."""
         layers: list[nn.Module] = []
         c, size = in_channels, image_size
         for i in range(depth):
@@ -135,11 +136,13 @@ class ConvNet(nn.Module):
         layers.append(nn.Flatten())
         if depth == 0 and dropout:
             layers.append(nn.Dropout(dropout))
-        self.backbone = nn.Sequential(*layers)
-        self.num_features = c * size * size
+        return nn.Sequential(*layers), c, size
 
+    @staticmethod
+    def _head(features: int, dense_units: int, act, dense_dropout: float, batchnorm: bool,
+              num_classes: int) -> nn.Sequential:
+        """``Linear -> [BatchNorm1d] -> activation -> [Dropout] -> Linear`` (the last alone without dense units)."""
         dense: list[nn.Module] = []
-        features = self.num_features
         if dense_units:
             dense.append(nn.Linear(features, dense_units))
             if batchnorm:
@@ -149,7 +152,7 @@ class ConvNet(nn.Module):
                 dense.append(nn.Dropout(dense_dropout))
             features = dense_units
         dense.append(nn.Linear(features, num_classes))
-        self.head = nn.Sequential(*dense)
+        return nn.Sequential(*dense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))

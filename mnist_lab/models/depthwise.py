@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mnist_lab.errors import ConfigError
+from mnist_lab.errors import ConfigError, check_rate
 
 
 def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
@@ -48,8 +48,7 @@ class DepthwiseNet(nn.Module):
         if len(widths) != len(strides) or any(s not in (1, 2) for s in strides):
             raise ConfigError(f"model.widths={widths} and model.strides={strides} need one stride (1 or 2) per "
                               "block, e.g. model.widths=[32,64] model.strides=[2,2]")
-        if not 0 <= dropout < 1:
-            raise ConfigError(f"model.dropout={dropout} is outside [0, 1)")
+        dropout = check_rate("model.dropout", dropout)
         self.name = name or "depthwise"
         layers, c = _conv_bn(in_channels, stem, 3), stem
         for width, stride in zip(widths, strides):

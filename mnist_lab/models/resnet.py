@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_lab.errors import ConfigError
+from mnist_lab.errors import ConfigError, check_rate
 
 
 class PreActBlock(nn.Module):
@@ -57,8 +57,7 @@ class ResNet(nn.Module):
         if not widths or len(widths) != len(blocks) or min(blocks) < 1:
             raise ConfigError(f"model.widths={widths} and model.blocks={blocks} need one entry per stage and "
                               "at least one block each, e.g. model.widths=[16,32,64] model.blocks=[1,1,1]")
-        if not 0 <= dropout < 1:
-            raise ConfigError(f"model.dropout={dropout} is outside [0, 1)")
+        dropout = check_rate("model.dropout", dropout)
         self.name = name or "resnet"
         layers: list[nn.Module] = [nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)]
         c = widths[0]

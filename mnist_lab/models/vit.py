@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mnist_lab.errors import ConfigError
+from mnist_lab.errors import ConfigError, check_rate
 
 
 class ViT(nn.Module):
@@ -46,8 +46,7 @@ class ViT(nn.Module):
             raise ConfigError(f"model.heads={heads} must divide model.dim={dim}")
         if pool not in ("cls", "mean"):
             raise ConfigError(f"unknown model.pool={pool!r}; choose cls or mean")
-        if not 0 <= dropout < 1:
-            raise ConfigError(f"model.dropout={dropout} is outside [0, 1)")
+        dropout = check_rate("model.dropout", dropout)
         self.name = name or "vit"
         self.pool = pool
         tokens = (image_size // patch_size) ** 2 + (pool == "cls")

@@ -1,0 +1,104 @@
+"""What must not change across versions: a checkpoint written by mnist_lab 0.2.0 loads and gives the
+figures 0.2.0 recorded, in every command and in ``load_from_checkpoint``; the names 0.3 deprecated
+still work, with a warning; the package installs from a wheel with its configs."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, write_synthetic_mnist
+from PIL import Image
+
+import mnist_lab
+from mnist_lab import Classifier, MNISTDataModule, evaluate_model
+from mnist_lab.evaluate import predict
+
+OLD = REPO / "tests" / "data" / "v0.2.0"  # depthwise_3k, 2 epochs on write_synthetic_mnist's data, by 0.2.0
+
+
+@pytest.fixture(scope="module")
+def old(tmp_path_factory):
+    """The 0.2.0 checkpoint, the metrics.json its run wrote, and the synthetic data it was trained on."""
+    root = write_synthetic_mnist(tmp_path_factory.mktemp("data"))
+    return OLD / "depthwise_3k.ckpt", json.loads((OLD / "metrics.json").read_text()), root
+
+
+def test_a_0_2_checkpoint_gives_the_figures_0_2_recorded(old):
+    ckpt, recorded, root = old
+    model = Classifier.load_from_checkpoint(ckpt)
+    dm = MNISTDataModule.load_from_checkpoint(ckpt, root=str(root))
+    result = evaluate_model(model, dm)  # Trainer.test with the evaluation suite, seed 0 as in 0.2's run
+    assert 0.15 < recorded["test/acc"] < 0.95  # undertrained: another model would not match by chance
+    for key in ("test/acc", "test/loss", "test/f1_macro", "test/ece", "test/nll_scaled"):
+        assert result[key] == pytest.approx(recorded[key], abs=1e-5), key
+    assert result["robustness/mean"] == pytest.approx(recorded["robustness/mean"], abs=1e-6)
+    assert result["n_test"] == recorded["n_test"] == 100
+
+
+def test_a_0_2_checkpoint_works_in_every_command(old, tmp_path):
+    ckpt, recorded, root = old
+    env = {"MNIST_LAB_DATA": str(root), "PYTHONWARNINGS": "ignore"}
+    cli = shutil.which("mnist-lab", path=str(Path(sys.executable).parent)) or pytest.skip("no console script: "
+                                                                                         "pip install -e .")
+
+    def run(*args):
+        proc = subprocess.run([cli, *map(str, args)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    out = run("evaluate", f"ckpt_path={ckpt}", f"output_dir={tmp_path / 'eval'}", f"data_root={root}")
+    assert f"test/acc: {recorded['test/acc']:.4f}" in out
+    image = (torch.rand(28, 28) * 40).to(torch.uint8)
+    image[8:20, 12:16] = 255
+    Image.fromarray(image.numpy()).save(tmp_path / "digit.png")
+    out = run("predict", f"ckpt_path={ckpt}", f"inputs={tmp_path / 'digit.png'}")
+    assert "digit.png" in out and "error" not in out
+    out = run("export", f"ckpt_path={ckpt}", "format=pt2", f"output={tmp_path / 'model.pt2'}")
+    assert float(out.split("max |logits - PyTorch| = ")[1].split()[0]) < 1e-4
+
+
+def test_deprecated_names_still_work_and_say_what_replaces_them(old):
+    ckpt, recorded, root = old
+    with pytest.warns(DeprecationWarning, match="Classifier.load_from_checkpoint"):
+        model, dm = mnist_lab.load_checkpoint(ckpt, data_root=root)
+    dm.setup()
+    x, y = dm.splits["test"]
+    with pytest.warns(DeprecationWarning, match="mnist_lab.evaluate.predict"):
+        logits = mnist_lab.predict_logits(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert torch.equal(logits, predict(model, x))
+    assert float((logits.argmax(1) == y).float().mean()) == pytest.approx(recorded["test/acc"], abs=1e-6)
+
+
+def test_the_wheel_ships_the_configs_and_they_load_from_the_installed_package(tmp_path):
+    """pip builds the wheel (offline, with the hatchling of the dev extras) and installs it into a folder
+    of its own; an isolated Python (-I: no PYTHONPATH, no current dir) finds the configs in it."""
+    pytest.importorskip("hatchling")
+    wheels, target = tmp_path / "wheels", tmp_path / "site"
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(wheels), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next(wheels.glob("mnist_lab-*.whl"))
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                              str(wheel)], capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    code = (f"import sys; sys.path.insert(0, {str(target)!r}); import runpy, mnist_lab.config as c; "
+            "print(c.CONF_DIR); print(c.load_config(['+experiment=tiny']).model.name); "
+            "sys.argv = ['mnist-lab train', '--cfg', 'job', 'model=resnet_20k']; "
+            "runpy.run_module('mnist_lab.train', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-I", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    conf_dir, preset, *job = proc.stdout.splitlines()
+    assert conf_dir == str(target / "mnist_lab" / "conf") and preset == "depthwise_5k"
+    assert "name: resnet_20k" in "\n".join(job)  # the train command composed its config from the wheel
+    shipped = {p.relative_to(target / "mnist_lab" / "conf") for p in (target / "mnist_lab" / "conf").rglob("*.yaml")}
+    assert shipped == {p.relative_to(REPO / "conf") for p in (REPO / "conf").rglob("*.yaml")}
