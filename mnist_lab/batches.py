@@ -108,6 +108,6 @@ class InMemoryBatches:
         # and ranks draw independent augmentations
         s = self.sampler
         gen = torch.Generator(device=device).manual_seed((s.seed * 1_000_003 + s.epoch) * 1009 + s.rank + 1)
-        for idx in s:  # index_select: ~10x faster than images[idx] for a uint8 batch on a CPU
+        for idx in s:  # index_select: faster than images[idx] for a uint8 batch (docs/speed.md)
             x = to_unit(self.images.index_select(0, idx))
             yield (self.augment(x, gen) if self.augment else x), self.labels.index_select(0, idx)

@@ -10,6 +10,7 @@ from torch import nn
 from mnist_lab.config import CONF_DIR
 from mnist_lab.errors import ConfigError
 from mnist_lab.models import ConvNet, build_model, count_parameters, list_presets, model_config
+from mnist_lab.module import Classifier
 
 
 def stated_parameters(preset: str) -> int:
@@ -50,6 +51,17 @@ def test_published_counts_and_two_family_counts_by_hand():
     # depthwise_5k (the tiny record): stem 9*8 + BN 16 = 88; a block c_in -> c_out costs 9 c_in + 2 c_in (BN)
     # + c_in c_out + 2 c_out (BN): 8->16 248, 16->24 608, 24->32 1,096, 32->48 1,984; Linear 48*10 + 10 = 490
     assert stated_parameters("depthwise_5k") == 88 + 248 + 608 + 1_096 + 1_984 + 490
+
+
+def test_flops_per_image_count_every_layer_by_hand():
+    """Forward FLOPs of one image (a multiply-add is 2), attention included (the CPU kernel and the
+    transformer layer's fused path are counted too)."""
+    # conv2: conv 26*26*32*(3*3*1)*2 + conv 11*11*64*(3*3*32)*2 + dense 1600*128*2 + dense 128*10*2
+    assert Classifier(model_config("conv2")).flops_per_image() == 389_376 + 4_460_544 + 409_600 + 2_560
+    # vit_70k: patch embedding 49*(4*4*64)*2 = 100,352; each of 2 blocks on 50 tokens of width 64, 4 heads
+    # of 16: qkv 50*64*192*2 + scores and weighted sum 2*(4*50*50*16*2) + out 50*64*64*2 + MLP 2*(50*64*128*2)
+    # = 1,228,800 + 640,000 + 409,600 + 1,638,400 = 3,916,800; head 64*10*2 = 1,280
+    assert Classifier(model_config("vit_70k")).flops_per_image() == 100_352 + 2 * 3_916_800 + 1_280
 
 
 def test_every_family_has_its_base_yaml_so_presets_state_only_what_differs():
