@@ -1,12 +1,9 @@
 """``python -m mnist_lab.evaluate ckpt_path=PATH | run_dir=PATH``: the evaluation suite of a trained model.
 
-There is one path from a model to logits and metrics: ``Trainer.test`` (with the evaluation suite,
-:class:`mnist_lab.evaluation.EvaluationSuite`) or ``Trainer.predict`` on a
-:class:`~mnist_lab.module.Classifier`. At the end of a run, ``mnist_lab.train`` tests the tested
-checkpoint with the suite; this command rebuilds the model and its datamodule from a checkpoint alone
-(``Classifier.load_from_checkpoint``, ``MNISTDataModule.load_from_checkpoint``: no model or data config
-to repeat) and does the same, writing into the run dir (or ``output_dir=``). With several checkpoints it
-reports each and their ensemble. A notebook calls :func:`evaluate_model` and :func:`predict`.
+One path from a model to logits and metrics: ``Trainer.test`` with the evaluation suite
+(:func:`evaluate_model`), or ``Trainer.predict`` (:func:`predict`). The command rebuilds the model and
+its data from a checkpoint alone and writes into the run dir (or ``output_dir=``); with several
+checkpoints it reports each and their ensemble.
 """
 
 from __future__ import annotations
@@ -40,16 +37,10 @@ def eval_trainer(callbacks: list[L.Callback] = ()) -> L.Trainer:
 
 def evaluate_model(model: Classifier, datamodule: MNISTDataModule, output_dir: str | Path | None = None,
                    **suite) -> dict:
-    """Test metrics of a model on its datamodule's test split and, by default, the whole evaluation suite,
-    through ``Trainer.test``.
-
-    Args:
-        model: a :class:`~mnist_lab.module.Classifier` (images in [0, 1] -> logits).
-        datamodule: set up or not (``setup()`` is called if needed).
-        output_dir: where to write ``confusion_matrix.png`` and, with ``full``, ``evaluation.json``,
-            ``robustness.json`` and the suite's plots; ``None`` writes nothing.
-        **suite: :class:`~mnist_lab.evaluation.EvaluationSuite` arguments: ``full`` (default True), ``seed``
-            (perturbation seed, 0), ``temperature``, ``max_images`` (the first N test images), ``plots``.
+    """Test metrics of a :class:`~mnist_lab.module.Classifier` on its datamodule's test split (set up or
+    not) and, by default, the whole evaluation suite, through ``Trainer.test``. ``output_dir``: where the
+    suite writes its files (None: nowhere); ``suite``: :class:`~mnist_lab.evaluation.EvaluationSuite`'s
+    arguments (``full``, ``seed``, ``temperature``, ``max_images``, ``plots``, ``perturbations``).
 
     Returns:
         ``test/acc``, ``test/loss``, ``test/{precision,recall,f1}_macro``, ``n_test``, ``confusion``
