@@ -196,7 +196,9 @@ class RunRecord(L.Callback):
                          last_good_checkpoint=os.path.relpath(last, self.run.path) if last.is_file() else None)
         elif isinstance(exception, KeyboardInterrupt | SIGTERMException):
             signal_name = "SIGTERM" if isinstance(exception, SIGTERMException) else "SIGINT"
-            command = f"python -m mnist_lab.train resume={self.run.path}"
+            sweep = self.run.path.parent  # a job of a sweep continues with the whole sweep
+            command = (f"python -m mnist_lab.train -m resume={sweep}" if (sweep / "multirun.yaml").is_file()
+                       else f"python -m mnist_lab.train resume={self.run.path}")
             message = (f"stopped by {signal_name}. The last complete epoch is in {last}; continue with: {command}"
                        if last.is_file() else
                        f"stopped by {signal_name} before the first epoch ended, so there is no checkpoint to "

@@ -7,6 +7,7 @@ hold no ``${hydra:...}`` interpolations, so they resolve outside a Hydra run.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +22,32 @@ from mnist_lab.errors import ConfigError, MnistLabError
 # `${mnist_lab.if_resume:${resume},A,B}`: A when resume= is set, else B (conf/train.yaml's hydra run dir)
 OmegaConf.register_new_resolver("mnist_lab.if_resume", lambda resume, then, otherwise: then if resume else otherwise,
                                 replace=True)
+
+
+def job_dir(num: int | None, overrides: Sequence[str], exclude: Sequence[str] = (), limit: int = 48) -> str:
+    """A sweep job's dir name: its number and its overrides with keys cut to their last part and long
+    numbers to 4 digits, ``"003_depth=2,seed=0"``, cut beyond ``limit`` characters with a hash of the exact
+    overrides added: short and unique whatever the command line. ``num=None`` (an Optuna search, whose
+    workers number their jobs each from 0): no number, always the hash, so a trial enqueued again finds
+    its own dir. Keys in ``exclude`` (the same for every job) are left out; ``/`` becomes ``_``."""
+    parts = [(key.lstrip("+~"), value) for key, _, value in (str(o).partition("=") for o in overrides)]
+    parts = [(k, v) for k, v in parts if k not in set(exclude)]
+    text = ",".join(f"{k.rsplit('.', 1)[-1]}={_short(v)}" for k, v in parts).replace("/", "_")
+    if num is None or len(text) > limit:
+        digest = hashlib.sha1(",".join(f"{k}={v}" for k, v in parts).encode()).hexdigest()[:6]
+        text = f"{text[:limit - 8]}_{digest}"
+    return text if num is None else f"{int(num):03d}_{text}" if text else f"{int(num):03d}"
+
+
+def _short(value: str) -> str:
+    try:
+        return f"{float(value):.4g}" if len(value) > 8 and "." in value else value
+    except ValueError:
+        return value
+
+
+# `${mnist_lab.job_dir:${hydra.job.num},${hydra.overrides.task},[keys]}`: conf/train.yaml's sweep subdir
+OmegaConf.register_new_resolver("mnist_lab.job_dir", job_dir, replace=True)
 
 _PACKAGE = Path(__file__).resolve().parent
 #: The project's config folder: ``mnist_lab/conf`` in an installed wheel (``pyproject.toml`` maps the

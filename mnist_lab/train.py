@@ -9,6 +9,7 @@ of the tested checkpoint. Callbacks write the run dir (:mod:`mnist_lab.rundir` l
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
@@ -75,7 +77,7 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str 
         kept = [c for c in named.values() if bar or not isinstance(c, ProgressBar)]  # Lightning refuses a bar then
         no_clip = {"gradient_clip_val": None} if clip else {}  # Lightning clips only in automatic optimisation
         loggers = list(build_all(cfg.logger, "logger", base=Logger).values())
-        trainer = build(cfg.trainer, "trainer", base=L.Trainer, logger=loggers,
+        trainer = build(cfg.trainer, "trainer", base=(L.Trainer, ClusterEnvironment), logger=loggers,
                         callbacks=[*kept, suite, record, *callbacks], **no_clip)
         module.gradient_clip = clip  # with steps_per_execution > 1 the Classifier clips each of its K steps
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -130,6 +132,9 @@ def resume(run_dir: str | Path) -> dict:
         ConfigError: not a run dir, a run that completed or diverged, no checkpoint or one refused or unreadable.
     """
     run = RunDir(run_dir)
+    if (run.path / "multirun.yaml").is_file():
+        raise ConfigError(f"resume={run.path} is a sweep dir: continue the sweep with python -m mnist_lab.train -m "
+                          f"resume={run.path}")
     if not run.config.is_file():
         raise ConfigError(f"resume={run.path}: no config.yaml there, so it is not a run dir of mnist_lab.train "
                           "(those look like outputs/runs/<date>_<time>)")
@@ -148,10 +153,34 @@ def resume(run_dir: str | Path) -> dict:
     return train(OmegaConf.load(run.config), run.path, ckpt_path=ckpt)
 
 
+def resume_job(cfg: DictConfig, job_dir: Path) -> float | None:
+    """One job of a resumed sweep, in its own job dir: a completed (or diverged) job is skipped and its
+    files are left as they are; an interrupted or killed one continues from its ``last.ckpt``
+    (:func:`resume`); a failed one, or one that never started or saved no checkpoint, runs again from
+    the start (its earlier files removed). Returns the job's :data:`OBJECTIVE`."""
+    run = RunDir(job_dir)
+    status = run.read_metrics().get("status")
+    if status in ("completed", "diverged"):
+        print(f"job {job_dir.name}: {status} before, skipped")
+        return run.read_metrics().get(OBJECTIVE)
+    if status in (None, "interrupted") and run.config.is_file() and run.checkpoint("last").is_file():
+        return resume(job_dir).get(OBJECTIVE)
+    for leftover in (run.config, run.metrics, run.history):
+        leftover.unlink(missing_ok=True)
+    shutil.rmtree(run.checkpoints, ignore_errors=True)
+    if not (job_dir / ".hydra").is_dir():  # never started: Hydra's record where the sweep keeps its jobs' (summaries)
+        shutil.copytree(job_dir / ".hydra_resume", job_dir / ".hydra")
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.resume = None
+    return train(cfg, job_dir).get(OBJECTIVE)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """``python -m mnist_lab.train [overrides]``: train one run, or one job of a ``-m`` sweep;
-    ``python -m mnist_lab.train resume=RUN_DIR`` continues a killed or interrupted run.
+    ``resume=RUN_DIR`` continues a killed or interrupted run, ``-m resume=SWEEP_DIR`` a sweep (each job:
+    :func:`resume_job`).
 
     Returns the best validation accuracy (:data:`OBJECTIVE`, what a sweeper such as Optuna maximises), or
     None for a failed job of a sweep. Bad input: one line and the error's exit code (2: config or data,
@@ -162,11 +191,10 @@ def main(cfg: DictConfig) -> float | None:
     out = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     try:
+        if multirun and (cfg.get("resume") or RunDir(out).config.is_file()):  # a job of a resumed sweep, or
+            return resume_job(cfg, out)  # one a cluster requeued (its dir holds its run): it goes on
         if cfg.get("resume"):
             others = [o for o in hc.overrides.task if o.lstrip("+~").split("=")[0] != "resume"]
-            if multirun:
-                raise ConfigError("resume= continues one run; resume the jobs of a sweep one at a time "
-                                  "(python -m mnist_lab.train resume=<job dir>)")
             if others:
                 raise ConfigError(f"resume={cfg.resume} continues the run with its own config.yaml; drop the "
                                   f"other overrides ({' '.join(others)}), or start a new run with them")

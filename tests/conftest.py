@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,19 @@ def run_module(module: str, args, data_root, cwd, timeout: int = 600) -> subproc
     env = {**os.environ, "MNIST_LAB_DATA": str(data_root), "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def run_cases(cases: list[dict], cwd) -> list[dict]:
+    """Command lines ``{"module", "args", "env"}`` run one after another in one subprocess, each through its
+    command's ``main()`` (``tests/cli_cases.py``): ``[{"code", "stdout", "stderr"}]``, one per case."""
+    spec, results = Path(cwd) / "cases.json", Path(cwd) / "results.json"
+    spec.write_text(json.dumps(cases))
+    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "cli_cases.py"), str(spec), str(results)], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(results.read_text())
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

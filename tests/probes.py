@@ -27,6 +27,17 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), getattr(signal, self.signal))
 
 
+class SignalAtJob(SignalAt):
+    """:class:`SignalAt`, in the sweep job whose number ``$MNIST_LAB_SIGNAL_JOB`` names (no other): the
+    sweeps compared with it have the same overrides, and only the environment says which to kill."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if os.environ.get("MNIST_LAB_SIGNAL_JOB") == str(HydraConfig.get().job.num):
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
 class PoisonAt(L.Callback):
     """Set every weight to NaN when training reaches ``batch`` of ``epoch``: the loss turns NaN there."""
 

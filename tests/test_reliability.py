@@ -1,5 +1,6 @@
 """Reliability: kill and resume, determinism, 2-process DDP, divergence, and every bad input answered
-with one clear line and a non-zero exit code. Each test runs the real command in a subprocess."""
+with one clear line and a non-zero exit code. Each test runs the real command in a subprocess (the
+tables of one-line errors run their command lines in one subprocess, through each command's main())."""
 
 import csv
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import QUIET, run_module, synthetic_digits, write_idx, write_synthetic_mnist
+from conftest import QUIET, run_cases, run_module, synthetic_digits, write_idx, write_synthetic_mnist
 
 from mnist_lab import Classifier, MNISTDataModule, load_config, train
 from mnist_lab.errors import ConfigError, TrainingDiverged
@@ -257,7 +258,8 @@ def corrupt(root, case: str):
         write_idx(raw / "train-labels-idx1-ubyte", labels)
 
 
-@pytest.mark.parametrize(("args", "case", "code", "message"), [
+#: (overrides, how the data is damaged, exit code, what stderr says)
+BAD_INPUT = [
     (["data.download=false"], "missing", 2, "MNIST not found: looked in"),
     ([], "magic", 2, "train-images-idx3-ubyte is not an IDX images file: magic number 2049, expected 2051"),
     ([], "truncated", 2, "t10k-images-idx3-ubyte is corrupt or truncated: 15596 bytes, but its header"),
@@ -278,26 +280,43 @@ def corrupt(root, case: str):
     (["run_dir={tmp}/elsewhere"], None, 2, "run_dir={tmp}/elsewhere is filled in by mnist_lab.train; choose the"),
     (["model.nonsense=3"], None, 1, "Could not override 'model.nonsense'"),
     (["+model.nonsense=3"], None, 2, "model: ConvNet.__init__() got an unexpected keyword argument 'nonsense'"),
-    pytest.param(["trainer.accelerator=gpu"], None, 2, "trainer: No supported gpu backend found! (fix the trainer.*",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
-])
-def test_bad_input_is_answered_before_training_with_one_line(args, case, code, message, tmp_path):
-    root = write_synthetic_mnist(tmp_path / "data", n_train=100, n_test=20)
-    if case == "missing":
-        root = tmp_path / "nowhere"
-    elif case:
-        corrupt(root, case)
-    (tmp_path / "a_file").write_text("a file, not a folder")
-    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    if not any(a.startswith("hydra.run.dir") for a in args):
-        args.append(f"hydra.run.dir={tmp_path / 'run'}")
-    proc = train_cli([*args, "trainer.max_epochs=1", *QUIET], root, tmp_path)
-    assert proc.returncode == code
-    assert message.replace("{tmp}", str(tmp_path)) in proc.stderr
-    assert "Traceback" not in proc.stderr
+    *([] if torch.cuda.is_available() else  # Lightning's own error, in one line
+      [(["trainer.accelerator=gpu"], None, 2, "trainer: No supported gpu backend found! (fix the trainer.*")]),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_answers(tmp_path_factory) -> list[tuple[Path, dict]]:
+    """Every case of BAD_INPUT on the train command line (its own data, damaged as the case says), run in
+    one process through the command's main(): its folder and ``{"code", "stdout", "stderr"}``."""
+    base, cases, folders = tmp_path_factory.mktemp("bad_input"), [], []
+    for i, (args, case, _, _) in enumerate(BAD_INPUT):
+        tmp = base / str(i)
+        root = write_synthetic_mnist(tmp / "data", n_train=100, n_test=20)
+        if case == "missing":
+            root = tmp / "nowhere"
+        elif case:
+            corrupt(root, case)
+        (tmp / "a_file").write_text("a file, not a folder")
+        args = [a.replace("{tmp}", str(tmp)) for a in args]
+        if not any(a.startswith("hydra.run.dir") for a in args):
+            args.append(f"hydra.run.dir={tmp / 'run'}")
+        cases.append({"module": "mnist_lab.train", "args": [*args, "trainer.max_epochs=1", *QUIET],
+                      "env": {"MNIST_LAB_DATA": str(root)}})
+        folders.append(tmp)
+    return list(zip(folders, run_cases(cases, base)))
+
+
+@pytest.mark.parametrize("i", range(len(BAD_INPUT)), ids=[" ".join(c[0]) or c[1] for c in BAD_INPUT])
+def test_bad_input_is_answered_before_training_with_one_line(i, bad_input_answers):
+    _, _, code, message = BAD_INPUT[i]
+    tmp, answer = bad_input_answers[i]
+    assert answer["code"] == code, answer["stderr"][-2000:]
+    assert message.replace("{tmp}", str(tmp)) in answer["stderr"]
+    assert "Traceback" not in answer["stderr"]
     if code == 2:
-        assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
-    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+        assert answer["stderr"].strip().splitlines()[-1].startswith("error: ")
+    assert not (tmp / "run" / "checkpoints").exists()  # nothing trained
 
 
 def test_evaluate_and_predict_answer_a_wrong_checkpoint_with_one_line(reference_run, synthetic_root, tmp_path):
@@ -311,8 +330,12 @@ def test_evaluate_and_predict_answer_a_wrong_checkpoint_with_one_line(reference_
         ("notes.txt", "is not a PyTorch checkpoint"),
         ("missing.ckpt", "does not exist"),
     ]
-    for name, message in cases:
-        for module, extra in (("mnist_lab.evaluate", []), ("mnist_lab.predict", [f"inputs={tmp_path / 'digit.png'}"])):
-            proc = run_module(module, [f"ckpt_path={tmp_path / name}", *extra], synthetic_root, tmp_path)
-            assert proc.returncode == 2, (module, name, proc.stderr[-2000:])
-            assert message in proc.stderr and "Traceback" not in proc.stderr, (module, name, proc.stderr[-2000:])
+    commands = [(module, extra, name, message) for name, message in cases
+                for module, extra in (("mnist_lab.evaluate", []),
+                                      ("mnist_lab.predict", [f"inputs={tmp_path / 'digit.png'}"]))]
+    answers = run_cases([{"module": module, "args": [f"ckpt_path={tmp_path / name}", *extra],
+                          "env": {"MNIST_LAB_DATA": str(synthetic_root)}} for module, extra, name, _ in commands],
+                        tmp_path)  # the six command lines in one process, through each command's main()
+    for (module, _, name, message), answer in zip(commands, answers):
+        assert answer["code"] == 2, (module, name, answer["stderr"][-2000:])
+        assert message in answer["stderr"] and "Traceback" not in answer["stderr"], (module, name, answer["stderr"])

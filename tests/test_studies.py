@@ -92,7 +92,8 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
     jobs = {}
     for job in sweep.iterdir():
         if job.is_dir():
-            factors = dict(part.split("=", 1) for part in job.name.split(",") if "=" in part)
+            overrides = OmegaConf.load(job / ".hydra" / "overrides.yaml")  # the job's full record
+            factors = dict(str(o).split("=", 1) for o in overrides)
             jobs[job] = {k.lstrip("+"): v.lower() for k, v in factors.items()}
     configs = [dict(zip([k for k in axes if k != "seed"], combo, strict=True))
                for combo in itertools.product(*(v for k, v in axes.items() if k != "seed"))]

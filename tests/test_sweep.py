@@ -5,8 +5,10 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from mnist_lab.sweep import METRICS, aggregate, mean_std, pareto_front, write_summary
 
@@ -29,8 +31,12 @@ def test_a_2x2_grid_gives_4_named_job_dirs_a_summary_and_plots(synthetic_root, t
     proc = multirun(["-m", "model.depth=1,2", "model.batchnorm=false,true", *FAST], synthetic_root, sweep, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    suffix = ",trainer.limit_train_batches=3,trainer.max_epochs=1"
-    assert jobs == [f"model.batchnorm={bn},model.depth={d}{suffix}" for bn in ("False", "True") for d in (1, 2)]
+    # short names: the job number and the overrides with short keys, cut (and a hash added) beyond 48 characters
+    assert [j[:11] for j in jobs] == ["000_depth=1", "001_depth=1", "002_depth=2", "003_depth=2"]
+    assert all(len(j) <= 52 for j in jobs) and jobs[0] != jobs[1]
+    records = [list(OmegaConf.load(sweep / j / ".hydra" / "overrides.yaml")) for j in jobs]  # the full overrides
+    assert [r[:2] for r in records] == [[f"model.depth={d}", f"model.batchnorm={bn}"]
+                                        for d in (1, 2) for bn in ("False", "True")]
     rows = read_csv(sweep / "summary.csv")
     assert len(rows) == 4 and {r["status"] for r in rows} == {"completed"}
     by_config = {(r["model.depth"], r["model.batchnorm"]): r for r in rows}
@@ -155,6 +161,57 @@ def test_the_frontier_sweep_runs_families_side_by_side(synthetic_root, tmp_path)
     rows = {r["model"]: r for r in read_csv(sweep / "summary.csv")}
     assert {k: (v["architecture"], v["params_trainable"]) for k, v in rows.items()} == {
         "fc": ("ConvNet", "101770"), "depthwise_3k": ("DepthwiseNet", "2858")}
-    metrics = json.loads(next(sweep.glob("model=fc*/metrics.json")).read_text())
+    metrics = json.loads((sweep / rows["fc"]["job"] / "metrics.json").read_text())
     assert (metrics["split"], metrics["batch_size"], metrics["n_test"]) == ("official", 128, 100)
     assert "Pareto front" in (sweep / "summary.md").read_text()
+
+
+def test_a_killed_sweep_resumes_where_it_stopped_and_ends_as_the_uninterrupted_one(synthetic_root, tmp_path):
+    """4 deterministic jobs; SIGTERM in the middle of job 3 (job 2: the environment names it, so both
+    sweeps have the same overrides). `-m resume=<sweep dir>` skips jobs 1-2 (their files untouched),
+    continues job 3 from its last checkpoint and runs job 4: the summary is the uninterrupted sweep's."""
+    args = ["-m", "model=fc", "seed=0,1,2,3", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
+            "trainer.deterministic=true", "eval.full=false", "plots=false",
+            *[f"+callbacks.kill.{k}={v}" for k, v in (("_target_", "probes.SignalAtJob"), ("epoch", 1), ("batch", 1),
+                                                      ("signal", "SIGTERM"))]]
+    env = {**os.environ, "MNIST_LAB_DATA": str(synthetic_root), "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+
+    def sweep(extra, kill=None):
+        return subprocess.run([sys.executable, "-m", "mnist_lab.train", *extra], cwd=tmp_path, capture_output=True,
+                              env={**env, **({"MNIST_LAB_SIGNAL_JOB": kill} if kill else {})}, text=True, timeout=600)
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert sweep([*args, f"hydra.sweep.dir={whole}"]).returncode == 0
+    proc = sweep([*args, f"hydra.sweep.dir={killed}"], kill="2")
+    assert proc.returncode == 143 and f"continue with: python -m mnist_lab.train -m resume={killed}" in proc.stderr
+    jobs = sorted(p for p in killed.iterdir() if p.is_dir())
+    assert [json.loads((j / "metrics.json").read_text())["status"] for j in jobs] == ["completed", "completed",
+                                                                                      "interrupted"]
+    done = {f: f.read_bytes() for j in jobs[:2] for f in j.rglob("*") if f.is_file() and f.name != "train.log"}
+
+    proc = sweep(["-m", f"resume={killed}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("completed before, skipped") == 2
+    assert f"summary: {killed / 'summary.md'} (4 jobs)" in proc.stdout
+    assert {f: f.read_bytes() for f in done} == done  # jobs 1-2 were not retrained: every file as it was
+
+    def table(path):
+        return [{k: v for k, v in r.items() if k != "train_seconds"} for r in read_csv(path / "summary.csv")]
+    assert table(killed) == table(whole)  # job names, every figure, every status: the uninterrupted sweep's
+    proc = sweep(["-m", f"resume={killed}", "seed=9"])
+    assert proc.returncode == 2 and "drop the others (seed=9)" in proc.stderr
+
+
+def test_the_submitit_launcher_runs_a_sweep_through_its_executor(synthetic_root, tmp_path):
+    """+launcher=submitit_local: the code path of +launcher=slurm (pickled jobs, submitit's executor),
+    with local processes instead of cluster jobs."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    proc = multirun(["-m", "+launcher=submitit_local", "model=fc", "seed=0,1", *FAST, "eval.full=false"],
+                    synthetic_root, sweep, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_csv(sweep / "summary.csv")
+    assert [(r["seed"], r["status"]) for r in rows] == [("0", "completed"), ("1", "completed")]
+    logs = sorted(p.name for p in (sweep / ".submitit").rglob("*_log.out"))
+    assert len(logs) == 2  # two jobs, each through submitit's executor in a process of its own

@@ -2,10 +2,15 @@
 search (objective: best validation accuracy), export (ONNX / TorchScript / torch.export)."""
 
 import csv
+import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
-from conftest import QUIET, run_module
+from conftest import QUIET, REPO, run_module
 
 from mnist_lab import Classifier, load_config, model_config, train
 from mnist_lab.errors import ConfigError
@@ -41,26 +46,79 @@ def test_the_csv_logger_cannot_be_dropped(synthetic_root, tmp_path):
         train(load_config(["logger.csv=null", f"data.root={synthetic_root}", *SHORT]), tmp_path / "run")
 
 
-def test_optuna_search_maximises_best_val_accuracy_and_the_summary_names_the_best_trial(synthetic_root, tmp_path):
+def search(args, synthetic_root, tmp_path, env=None) -> subprocess.Popen:
+    """``python -m mnist_lab.train -m hparams_search=optuna ARGS``, started (with ``tests/`` on the path)."""
+    env = {**os.environ, "MNIST_LAB_DATA": str(synthetic_root), "PYTHONWARNINGS": "ignore", **(env or {}),
+           "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen([sys.executable, "-m", "mnist_lab.train", "-m", "hparams_search=optuna", *args],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# the README's command (its overrides and Optuna's four long floats once made a 270-character job dir name:
+# "File name too long"), 3 trials
+README_SEARCH = ["hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_trials=2", "model=fc",
+                 "trainer.max_epochs=2", "++trainer.limit_train_batches=30", "++trainer.limit_val_batches=3",
+                 "++trainer.limit_test_batches=3", "++eval.full=false", "trainer.enable_progress_bar=false",
+                 "plots=false"]
+
+
+def test_two_workers_on_one_sqlite_study_search_together_for_the_best_val_accuracy(synthetic_root, tmp_path):
+    """Two processes x 3 trials on one SQLite storage (a seed each, else a seeded sampler proposes the same
+    trials): 6 distinct finished trials; each trial's objective is its best val accuracy (never a test
+    metric); the summary names the study's best trial. Job dirs are short whatever the overrides."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    sweep = tmp_path / "search"
-    proc = run_module("mnist_lab.train", ["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
-                                          "hydra.sweeper.sampler.n_startup_trials=2", "trainer.max_epochs=1",
-                                          "trainer.limit_train_batches=3", *SHORT[3:],
-                                          f"hydra.sweep.dir={sweep}"], synthetic_root, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    with open(sweep / "summary.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f)]
-    assert len(rows) == 3 and {r["status"] for r in rows} == {"completed"}
-    assert len({r["optimizer.lr"] for r in rows}) == 3  # three different trials, lr from the search space
+    optuna = pytest.importorskip("optuna")
+    storage = f"sqlite:///{tmp_path / 'search.db'}"
+    shared = [*README_SEARCH, f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared"]
+    workers = [search([*shared, "hydra.sweeper.sampler.seed=0", f"hydra.sweep.dir={tmp_path / 'w0'}"],
+                      synthetic_root, tmp_path)]
+    while workers[0].poll() is None and not (tmp_path / "w0" / "multirun.yaml").is_file():
+        time.sleep(0.2)  # the second worker starts once the first has composed its config
+    workers.append(search([*shared, "hydra.sweeper.sampler.seed=1", f"hydra.sweep.dir={tmp_path / 'w1'}"],
+                          synthetic_root, tmp_path))
+    for worker in workers:
+        assert worker.wait(timeout=600) == 0, worker.communicate()[1][-2000:]
+
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 6
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6  # no trial twice
+    rows = [r for w in (0, 1) for r in csv.DictReader(open(tmp_path / f"w{w}" / "summary.csv", newline=""))]
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"completed"}
     assert all(1e-4 <= float(r["optimizer.lr"]) <= 1e-2 and r["data.batch_size"] in {"32", "64", "128", "256"}
                for r in rows)
-    from omegaconf import OmegaConf
-    best = OmegaConf.load(sweep / "optimization_results.yaml")
-    # the objective each trial returned is its best val accuracy (not test/acc)
-    assert best.best_value == pytest.approx(max(float(r["best_val/acc"]) for r in rows))
-    summary = (sweep / "summary.md").read_text()
-    assert f"Optuna's best trial (objective: best val acc = {best.best_value:.4f})" in summary
+    assert sorted(t.value for t in trials) == pytest.approx(sorted(float(r["best_val/acc"]) for r in rows))
+    assert all(len(p.name) <= 52 for w in (0, 1) for p in (tmp_path / f"w{w}").iterdir())
+    best = max(trials, key=lambda t: t.value)
+    last = max((0, 1), key=lambda w: (tmp_path / f"w{w}" / "summary.md").stat().st_mtime)  # saw all 6
+    assert (f"Optuna's best trial (objective: best val acc = {best.value:.4f})"
+            in (tmp_path / f"w{last}" / "summary.md").read_text())
+
+
+def test_a_killed_search_resumes_with_its_finished_trials_and_the_killed_one_goes_on(synthetic_root, tmp_path):
+    """SIGTERM in the second trial; ``-m resume=<sweep dir>`` keeps the finished trial, runs the killed one
+    again in its own job dir from its last checkpoint, and completes the 3 trials n_trials asks for."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    optuna = pytest.importorskip("optuna")
+    sweep = tmp_path / "search"
+    kill = [f"+callbacks.kill.{k}={v}" for k, v in (("_target_", "probes.SignalAtJob"), ("epoch", 1), ("batch", 1),
+                                                    ("signal", "SIGTERM"))]
+    killed = search([*README_SEARCH, *kill, f"hydra.sweep.dir={sweep}"], synthetic_root, tmp_path,
+                    env={"MNIST_LAB_SIGNAL_JOB": "1"})
+    assert killed.wait(timeout=600) == 143, killed.communicate()[1][-2000:]
+    jobs = {p: json.loads((p / "metrics.json").read_text())["status"] for p in sweep.iterdir() if p.is_dir()}
+    assert sorted(jobs.values()) == ["completed", "interrupted"]
+    resumed = subprocess.run([sys.executable, "-m", "mnist_lab.train", "-m", f"resume={sweep}"], cwd=tmp_path,
+                             env={**os.environ, "MNIST_LAB_DATA": str(synthetic_root), "PYTHONWARNINGS": "ignore",
+                                  "PYTHONPATH": str(REPO / "tests")}, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "the search has 1 finished trials of 3" in resumed.stdout
+    trials = optuna.load_study(study_name="search", storage=f"sqlite:///{sweep / 'optuna.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]  # FAIL: killed, redone
+    assert trials[2].params == trials[1].params
+    interrupted = next(p for p, status in jobs.items() if status == "interrupted")
+    assert json.loads((interrupted / "metrics.json").read_text())["status"] == "completed"  # went on in its dir
+    with open(sweep / "summary.csv", newline="") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["completed"] * 3
 
 
 def trained_like(preset: str) -> Classifier:
