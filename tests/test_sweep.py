@@ -215,3 +215,20 @@ def test_the_submitit_launcher_runs_a_sweep_through_its_executor(synthetic_root,
     assert [(r["seed"], r["status"]) for r in rows] == [("0", "completed"), ("1", "completed")]
     logs = sorted(p.name for p in (sweep / ".submitit").rglob("*_log.out"))
     assert len(logs) == 2  # two jobs, each through submitit's executor in a process of its own
+
+
+def test_job_dir_names_are_short_unique_and_readable_whatever_the_overrides():
+    from mnist_lab.config import job_dir
+
+    rest = ["model=conv2", "model.depth=2", "model.dropout=0.123456789012345", "model.width=0.75", "data.batch_size=64",
+            "data.eval_batch_size=500", "trainer.max_epochs=1", "trainer.limit_train_batches=2", "+aug=true", "seed=3",
+            "data.root=/some/long/path/to/the/data", "+sweep=depth"]  # 12 overrides, and the swept one
+    lrs = ["optimizer.lr=0.0012345678901234", "optimizer.lr=0.0012345678909999", "optimizer.lr=0.009"]
+    names = [job_dir(i, [lr, *rest], exclude=["sweep"]) for i, lr in enumerate(lrs)]
+    assert [n[:16] for n in names] == ["000_lr=0.001235,", "001_lr=0.001235,", "002_lr=0.009,mod"]
+    assert len(set(names)) == 3 and all(len(n) <= 52 for n in names) and "sweep" not in "".join(names)
+    assert job_dir(3, ["model.depth=2", "seed=0"]) == "003_depth=2,seed=0"  # short enough: as it is
+    # a search's jobs (each worker numbers its own from 0): no number; a hash of the exact values keeps
+    # apart two trials that agree to 4 digits, and gives a trial enqueued again its own dir back
+    a, b = job_dir(None, lrs[:1]), job_dir(None, lrs[1:2])
+    assert a != b and a.startswith("lr=0.001235_") and a == job_dir(None, lrs[:1])
