@@ -65,5 +65,5 @@ def test_results_notebook_reads_the_committed_frontier_and_a_sweep(quick, synthe
     # docs/frontier_summary.csv, 3 seeds of resnet_270k: 0.9960 ± 0.0008 (docs/sweeps.md), on the front
     assert "| resnet_270k | ResNet | 271,994 | 3 | 0.9960 ± 0.0008 | 0.40 % | yes |" in frontier
     assert "| vit_300k | ViT | 306,826 | 3 | 0.9794 ± 0.0021 | 2.06 % |  |" in frontier
-    assert jobs.count("model.depth=") == 2 and configurations.count("| depth=") == 2
+    assert jobs.count("| 00") == 2 and configurations.count("| depth=") == 2  # job dirs 000_depth=1..., 001_...
     assert len(outputs(nb, "image/png")) == 2  # error vs params, val curves
