@@ -4,6 +4,7 @@ wherever a DataLoader goes; :class:`mnist_lab.data.MNISTDataModule` makes them."
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -62,45 +63,42 @@ class InMemoryBatches:
 
     Lightning accepts it wherever a DataLoader goes. ``images`` float32 ``(B, 1, 28, 28)`` in [0, 1]
     (augmented if ``augment`` is given), ``labels`` int64 ``(B,)``, both on the device of the stored tensors.
+    ``len`` counts batches, whatever ``group``.
 
     Args:
         images: uint8 ``(N, 28, 28)``.
         labels: int64 ``(N,)``.
         sampler: yields index batches (see :class:`BatchIndexSampler`).
         augment: batch augmentation ``(float batch, generator) -> float batch``, or ``None``.
-        group: yield lists of ``group`` consecutive batches (the last one shorter when the batches do
-            not divide evenly): one Lightning step for ``steps_per_execution`` mini-batches. The
-            batches, their order and their augmentation are the same for every ``group``.
+
+    Attributes:
+        group_ends: ``None``: yield the batches one by one; else yield them in lists of consecutive batches
+            (one Lightning step for several mini-batches, :mod:`mnist_lab.steps` sets it each epoch), the
+            lists ending after these counts of batches, the last count where the pass stops. The batches,
+            their order and their augmentation are the same either way.
     """
 
     #: DataLoader's attribute names: Lightning finds ``sampler.set_epoch`` through them.
     batch_sampler = None
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: BatchIndexSampler, augment=None,
-                 group: int = 1):
-        self.images, self.labels, self.sampler, self.augment, self.group = images, labels, sampler, augment, group
-
-    @property
-    def minibatches(self) -> int:
-        """Batches of ``batch_size`` per pass (``len`` counts groups of them)."""
-        return len(self.sampler)
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: BatchIndexSampler, augment=None):
+        self.images, self.labels, self.sampler, self.augment = images, labels, sampler, augment
+        self.group_ends: list[int] | None = None
 
     def __len__(self) -> int:
-        return -(-len(self.sampler) // self.group)
+        return len(self.sampler)
 
     def __iter__(self) -> Iterator:
-        batches = self._batches()
-        if self.group == 1:
-            yield from batches
+        if self.group_ends is None:
+            yield from self._batches()
             return
-        group = []
-        for batch in batches:
-            group.append(batch)
-            if len(group) == self.group:
-                yield group
-                group = []
-        if group:
+        batches, done = self._batches(), 0
+        for end in self.group_ends:
+            group = list(itertools.islice(batches, end - done))
+            if not group:
+                return
             yield group
+            done = end
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         device = self.images.device

@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, Timer
+from lightning.pytorch.callbacks import EarlyStopping, Timer, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
@@ -62,8 +62,9 @@ class DivergenceGuard(L.Callback):
     inf, or above ``max_loss``: with Adam at ``optimizer.lr=1e6`` the mean cross-entropy jumps to
     1e15-1e30 within two steps and stays finite, while a healthy run starts at ln(10) = 2.3.
 
-    The check runs every ``check_every_n_steps`` optimizer steps and always before validation and at
-    the end of an epoch, so no checkpoint of diverged weights is written. Each check reads one flag
+    The check runs every ``check_every_n_steps`` optimizer steps (with ``steps_per_execution > 1``: after
+    the training step that reaches them, seeing each mini-batch's loss) and always before validation and
+    at the end of an epoch, so no checkpoint of diverged weights is written. Each check reads one flag
     from the device (a host sync): on a GPU a larger interval keeps the step loop asynchronous.
 
     Args:
@@ -107,22 +108,46 @@ class DivergenceGuard(L.Callback):
 
     def _raise(self, trainer: L.Trainer) -> None:
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
-        where = (f"at global step {trainer.global_step}" if self.every == 1
-                 else f"within the {self.every} steps before global step {trainer.global_step}")
+        step, loss = self._first_bad(trainer.global_step) if self.every == 1 else (trainer.global_step, self._worst())
+        where = (f"at global step {step}" if self.every == 1
+                 else f"within the {self.every} steps before global step {step}")
         limit = f"NaN/inf or above {self.max_loss:g}" if self.max_loss is not None else "NaN/inf"
         saved = next((Path(cb.best_model_path).name for cb in reversed(trainer.checkpoint_callbacks)
                       if getattr(cb, "best_model_path", "")), None)
         kept = (f"checkpoints/{saved} keeps the last good epoch" if saved
                 else "no epoch had completed, so no checkpoint was written")
         raise TrainingDiverged(
-            f"training diverged: the training loss became {self._worst():.4g} ({limit}) in epoch "
+            f"training diverged: the training loss became {loss:.4g} ({limit}) in epoch "
             f"{trainer.current_epoch}, {where}, at learning rate {lr:g}. Training stopped; {kept}. "
             "Lower optimizer.lr (e.g. by 10x), or clip gradients with trainer.gradient_clip_val=1.0.",
-            epoch=trainer.current_epoch, step=trainer.global_step, lr=lr)
+            epoch=trainer.current_epoch, step=step, lr=lr)
+
+    def _first_bad(self, global_step: int) -> tuple[int, float]:
+        """The global step and value of the first bad loss of the last training step (a group of
+        mini-batch steps with ``steps_per_execution > 1``, the last of which is ``global_step``)."""
+        losses = self._loss.flatten()
+        bad = ~torch.isfinite(losses)
+        if self.max_loss is not None:
+            bad |= losses > self.max_loss
+        i = int(bad.nonzero()[0, 0]) if bad.any() else losses.numel() - 1
+        return global_step - losses.numel() + 1 + i, float(losses[i])
 
     def _worst(self) -> float:
         values = self._loss.flatten().tolist()
         return next((v for v in values if not math.isfinite(v)), max(values))
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's TQDM progress bar, counting mini-batches whatever ``steps_per_execution`` (a training
+    step's hooks get the index of its group's first mini-batch): after a step the bar shows the group's
+    last, redrawn once ``refresh_rate`` more mini-batches are done."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        n, bar = trainer.fit_loop.epoch_loop.batch_idx + 1, self.train_progress_bar
+        if bar is not None and self.is_enabled and (n // self.refresh_rate > bar.n // self.refresh_rate
+                                                    or n == bar.total):
+            bar.n = n
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # redraws
 
 
 class RunRecord(L.Callback):
@@ -147,6 +172,7 @@ class RunRecord(L.Callback):
         self.metrics: dict = {"status": "completed"}  # metrics.json, once the test has ended
         self.interruption: RunInterrupted | None = None
         self._recorded = False
+        self._train_seconds: float | None = None
 
     @contextmanager
     def recording(self) -> Iterator[RunRecord]:
@@ -189,6 +215,10 @@ class RunRecord(L.Callback):
             if isinstance(logger, RunCSVLogger):
                 logger.keep_epochs(int(checkpoint["epoch"]))
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # read now: Trainer.test restores the tested checkpoint's callback states, the Timer's too
+        self._train_seconds = next(c for c in trainer.callbacks if isinstance(c, Timer)).time_elapsed("train")
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         last = self.run.checkpoint("last")
         if isinstance(exception, TrainingDiverged):
@@ -215,8 +245,7 @@ class RunRecord(L.Callback):
         history = read_epoch_metrics(self.run.history)
         val_loss = history.get("val/loss", {})
         best, last = (min(val_loss, key=val_loss.get), max(val_loss)) if val_loss else (None, None)
-        timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
-        seconds, epochs, net = timer.time_elapsed("train"), trainer.current_epoch, getattr(pl_module, "net", pl_module)
+        seconds, epochs, net = self._train_seconds or 0.0, trainer.current_epoch, getattr(pl_module, "net", pl_module)
         self.metrics = {
             "status": "completed", "model": getattr(pl_module, "name", type(net).__name__),
             "architecture": type(net).__name__,
@@ -228,7 +257,8 @@ class RunRecord(L.Callback):
                if k in history},
             "params_trainable": count_parameters(net), "flops_per_image": pl_module.flops_per_image(),
             "train_seconds": round(seconds, 3), "seconds_per_epoch": round(seconds / max(epochs, 1), 3),
-            "epochs": epochs, "seed": self.config.seed, **trainer.datamodule.describe(),
+            "steps_per_execution": getattr(pl_module, "steps_per_execution", 1), "epochs": epochs,
+            "seed": self.config.seed, **trainer.datamodule.describe(),
             "test_ckpt": os.path.relpath(trainer.ckpt_path, self.run.path) if trainer.ckpt_path else None,
             "device": str(trainer.strategy.root_device), **provenance(trainer.strategy.root_device),
             "run_dir": str(self.run.path),

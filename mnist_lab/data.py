@@ -80,8 +80,8 @@ class MNISTDataModule(L.LightningDataModule):
         download: download through torchvision (in ``prepare_data``) when the files are missing.
         drop_last: drop the last, incomplete training batch.
         on_device: keep the splits on the trainer's device; ``False``: on the CPU, Lightning moves batches.
-        steps_per_execution: ignored (0.2 checkpoints carry it): training batches come in groups of the
-            fitted module's ``steps_per_execution``.
+        steps_per_execution: ignored (0.2 checkpoints carry it): the fitted module groups the training
+            batches by its ``steps_per_execution``.
 
     Raises:
         ConfigError: any argument out of range (checked here, before any data is read).
@@ -100,7 +100,7 @@ class MNISTDataModule(L.LightningDataModule):
         augment: bool = False,
         augmentation: dict | None = None,
         batch_size: int = 32,
-        eval_batch_size: int = 1000,
+        eval_batch_size: int = 256,
         download: bool = True,
         drop_last: bool = False,
         on_device: bool = True,
@@ -232,8 +232,7 @@ class MNISTDataModule(L.LightningDataModule):
         # the shuffling seed follows the training seed (lightning.seed_everything / torch.manual_seed)
         sampler = BatchIndexSampler(len(y), self.hparams.batch_size, shuffle=True, drop_last=self.hparams.drop_last,
                                     seed=torch.initial_seed() % 2**31, rank=rank, world_size=world, device=x.device)
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return InMemoryBatches(x, y, sampler, self.augmenter, group=getattr(module, "steps_per_execution", 1))
+        return InMemoryBatches(x, y, sampler, self.augmenter)  # the module groups them (steps_per_execution)
 
     def val_dataloader(self) -> InMemoryBatches:
         return self.eval_batches(*self._split("val"))

@@ -34,6 +34,16 @@ if _CPU_ATTENTION not in flop_registry:  # torch's FLOP counter knows the GPU at
     register_flop_formula(_CPU_ATTENTION)(lambda q, k, v, *args, out_shape=None, **kw: sdpa_flop_count(q, k, v))
 
 
+def cache_gpu_absence() -> None:
+    """Remember, for this process, that there is no GPU. Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1``,
+    so ``torch.cuda.is_available()`` asks NVML (a ``dlopen``, ~0.3 ms) each time until CUDA is initialised,
+    which never happens on a machine without a GPU; and every optimizer step asks it (torch.optim's
+    CUDA-graph capture check). torch caches the device count itself once CUDA is initialised; this caches
+    the 0 (a no-op where a GPU or no CUDA build is found)."""
+    if torch.backends.cuda.is_built() and torch.cuda.device_count() == 0:
+        torch.cuda._cached_device_count = 0
+
+
 def _plain(value):
     """A DictConfig as plain dicts and lists: what a checkpoint can hold and load with ``weights_only=True``."""
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
@@ -78,13 +88,13 @@ class Classifier(StepsPerExecution, L.LightningModule):
         log_train_steps: also log the batch loss as ``train/loss_step``; Lightning writes it every
             ``trainer.log_every_n_steps`` steps. Off by default: a ``self.log`` on every step costs
             a good part of a small net's step (docs/speed.md).
-        steps_per_execution: mini-batches per Lightning training step, each an optimizer step
-            (:mod:`mnist_lab.steps`); the datamodule groups its training batches by it.
+        steps_per_execution: mini-batches per Lightning training step, each an optimizer step, or
+            ``"auto"`` (:mod:`mnist_lab.steps`): the same training, Lightning's per-step cost paid once per group.
 
     Raises:
         ConfigError: a ``_target_`` that is not an ``nn.Module`` / optimizer / scheduler class (a config
             from a checkpoint builds nothing else), bad values for the network, or ``steps_per_execution``
-            not a positive integer.
+            neither ``"auto"`` nor a positive integer (others when training starts: :mod:`mnist_lab.steps`).
     """
 
     def __init__(
@@ -97,7 +107,7 @@ class Classifier(StepsPerExecution, L.LightningModule):
         compile: bool = False,
         compile_mode: str = "default",
         log_train_steps: bool = False,
-        steps_per_execution: int = 1,
+        steps_per_execution: int | str = "auto",
     ):
         super().__init__()
         net, optimizer, scheduler = _plain(net), _plain(optimizer), _plain(scheduler)
@@ -112,7 +122,6 @@ class Classifier(StepsPerExecution, L.LightningModule):
         if scheduler is not None and isinstance(scheduler.get("scheduler"), Mapping):
             scheduler = {**scheduler, "scheduler": build(scheduler["scheduler"], "scheduler", base=SCHEDULERS)}
         self.check_steps_per_execution()
-        self.automatic_optimization = steps_per_execution == 1
         self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
         self.scheduler_config = scheduler
         self.register_buffer("mean", torch.tensor(0.0))
@@ -145,8 +154,12 @@ class Classifier(StepsPerExecution, L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Take the normalisation statistics of the datamodule being fitted (a resumed run then
-        restores the same values from its checkpoint)."""
+        restores the same values from its checkpoint); refuse ``steps_per_execution`` beside options it
+        cannot run with (:mod:`mnist_lab.steps`); :func:`cache_gpu_absence`."""
         dm = self.trainer.datamodule
+        if stage == "fit":
+            self.check_per_step_options()
+            cache_gpu_absence()
         if stage == "fit" and getattr(dm, "mean", None) is not None:
             self.mean.fill_(dm.mean)
             self.std.fill_(dm.std)
@@ -257,8 +270,5 @@ class Classifier(StepsPerExecution, L.LightningModule):
         factory = self.scheduler_config["scheduler"]
         one_cycle = getattr(factory, "func", None) is torch.optim.lr_scheduler.OneCycleLR
         if one_cycle and "total_steps" not in factory.keywords:  # sized by the run: epochs x batches
-            factory = partial(factory, total_steps=self.optimizer_steps())
-        config = {**self.scheduler_config, "scheduler": factory(opt)}
-        if not self.automatic_optimization:  # Lightning ignores (and warns about) it; step_schedulers reads it
-            config.pop("monitor", None)
-        return {"optimizer": opt, "lr_scheduler": config}
+            factory = partial(factory, total_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": opt, "lr_scheduler": {**self.scheduler_config, "scheduler": factory(opt)}}

@@ -65,8 +65,6 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str 
     with RunRecord(cfg, resuming).recording() as record:
         _check(cfg)
         tested_by, bar = f"{cfg.test_ckpt}_checkpoint", cfg.trainer.enable_progress_bar
-        clip = ((cfg.trainer.get("gradient_clip_val"), cfg.trainer.get("gradient_clip_algorithm") or "norm")
-                if cfg.module.get("steps_per_execution", 1) > 1 and cfg.trainer.get("gradient_clip_val") else None)
         if cfg.get("threads"):
             torch.set_num_threads(cfg.threads)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -75,11 +73,9 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str 
         suite = build(cfg.eval, "eval", base=EvaluationSuite)
         named = build_all(cfg.callbacks, "callbacks", base=L.Callback)
         kept = [c for c in named.values() if bar or not isinstance(c, ProgressBar)]  # Lightning refuses a bar then
-        no_clip = {"gradient_clip_val": None} if clip else {}  # Lightning clips only in automatic optimisation
         loggers = list(build_all(cfg.logger, "logger", base=Logger).values())
         trainer = build(cfg.trainer, "trainer", base=(L.Trainer, ClusterEnvironment), logger=loggers,
-                        callbacks=[*kept, suite, record, *callbacks], **no_clip)
-        module.gradient_clip = clip  # with steps_per_execution > 1 the Classifier clips each of its K steps
+                        callbacks=[*kept, suite, record, *callbacks])
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         tested = named[tested_by].best_model_path or None  # None: no epoch completed, the weights in memory
         trainer.test(module, dataloaders=suite.dataloaders(datamodule), ckpt_path=tested, weights_only=True,

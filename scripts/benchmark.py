@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from mnist_lab import MNISTDataModule, build_model, load_config, train
+from mnist_lab.module import cache_gpu_absence
 from mnist_lab.transforms import to_unit
 
 
@@ -53,8 +54,8 @@ class StepTimer(Callback):
         self._t0, self._n = time.perf_counter(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._n += 1
-        if batch_idx == trainer.num_training_batches - 1:  # before validation
+        self._n += 1  # training steps (groups of mini-batches with steps_per_execution > 1)
+        if trainer.fit_loop.epoch_loop.batch_idx == trainer.num_training_batches - 1:  # before validation
             self._sync(pl_module)
             self.seconds.append(time.perf_counter() - self._t0)
             self.steps.append(self._n)
@@ -94,13 +95,13 @@ def plain_loop(model, x_u8, y, batch_size, steps, epochs, mean, std, augment, de
     return seconds, first_loss
 
 
-def fit_path(name, batch_size, steps, epochs, args, seed, workdir, k: int = 1) -> list[float]:
-    """A whole ``mnist_lab.train`` run of ``epochs`` x ``steps`` training steps (``steps`` a multiple of
-    ``k``, the steps per execution); seconds per epoch."""
+def fit_path(name, batch_size, steps, epochs, args, seed, workdir, k: str = "auto") -> tuple[list[float], int]:
+    """A whole ``mnist_lab.train`` run of ``epochs`` x ``steps`` mini-batch steps with ``steps_per_execution=k``;
+    seconds per epoch and the K it ran with (``auto`` resolved)."""
     timer = StepTimer()
     overrides = [f"model={name}", "data.split=official", f"data.batch_size={batch_size}",
                  f"+aug={str(args.aug).lower()}", f"trainer.max_epochs={epochs}", f"steps_per_execution={k}",
-                 f"trainer.limit_train_batches={steps // k}", "trainer.limit_val_batches=1",
+                 f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=1",
                  "eval.max_images=100", f"trainer.precision={args.precision}",
                  f"trainer.accelerator={'gpu' if args.device.startswith('cuda') else 'cpu'}", "trainer.devices=1",
                  "callbacks.early_stopping.patience=1000", "trainer.enable_progress_bar=false",
@@ -109,8 +110,9 @@ def fit_path(name, batch_size, steps, epochs, args, seed, workdir, k: int = 1) -
         overrides.append(f"data.root={args.data_root}")
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):  # the run's own report
         warnings.filterwarnings("ignore")
-        train(load_config(overrides), Path(workdir) / f"run{len(list(Path(workdir).iterdir()))}", callbacks=[timer])
-    return timer.seconds
+        metrics = train(load_config(overrides), Path(workdir) / f"run{len(list(Path(workdir).iterdir()))}",
+                        callbacks=[timer])
+    return timer.seconds, metrics["steps_per_execution"]
 
 
 def steady(repeats: list[list[float]]) -> float:
@@ -130,12 +132,16 @@ def main() -> int:
     parser.add_argument("--precision", default="32-true", help="fit path precision (the plain loop is fp32)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--data-root", default=None)
-    parser.add_argument("--steps-per-execution", nargs="+", type=int, default=[1],
-                        help="fit-path steps_per_execution values, one row each (e.g. 1 8)")
+    parser.add_argument("--steps-per-execution", nargs="+", default=["auto"],
+                        help="fit-path steps_per_execution values, one row each (default: auto, the package's "
+                             "default; e.g. 1 8 auto)")
     parser.add_argument("--out", default="benchmark.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # both paths without the per-step NVML probe that importing Lightning turns on (a fit turns it off for
+    # the rest of the process: the first plain loop would pay it alone); torch_floor.py never pays it
+    cache_gpu_absence()
     device = torch.device(args.device)
     workdir = tempfile.mkdtemp(prefix="mnist_lab_benchmark_")  # the fit path's run dirs, removed at the end
     rows = []
@@ -143,7 +149,7 @@ def main() -> int:
         dm = MNISTDataModule(root=args.data_root, split="official", batch_size=bs, augment=args.aug)
         dm.setup()
         x, y = dm.splits["train"]
-        steps = max(k, min(args.train_images, len(y)) // bs // k * k)
+        steps = min(args.train_images, len(y)) // bs
         L.seed_everything(0, workers=True, verbose=False)  # the fit path's seed=0: the same initial weights
         model = build_model(name).to(device)
         init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -153,9 +159,10 @@ def main() -> int:
             seconds, loss = plain_loop(model, x, y, bs, steps, args.epochs, dm.mean, dm.std, dm.augmenter, device)
             plain_s.append(seconds)
             first_loss = loss if first_loss is None else first_loss
-            fit_s.append(fit_path(name, bs, steps, args.epochs, args, 0, workdir, k))
+            seconds, k_run = fit_path(name, bs, steps, args.epochs, args, 0, workdir, k)
+            fit_s.append(seconds)
         images = steps * bs
-        row = {"model": name, "batch_size": bs, "steps_per_execution": k, "aug": args.aug,
+        row = {"model": name, "batch_size": bs, "steps_per_execution": k, "k": k_run, "aug": args.aug,
                "images_per_epoch": images,
                "plain_epoch_seconds": [[round(s, 4) for s in r] for r in plain_s],
                "fit_epoch_seconds": [[round(s, 4) for s in r] for r in fit_s],
@@ -164,8 +171,9 @@ def main() -> int:
                "plain_first_step_loss": first_loss}
         row["ratio"] = round(row["fit_images_per_s"] / row["plain_images_per_s"], 3)
         rows.append(row)
-        print(f"{name:>6} bs {bs:>4} K {k:>2}{' aug' if args.aug else ''}: plain {row['plain_images_per_s']:>7} img/s, "
-              f"mnist_lab fit {row['fit_images_per_s']:>7} img/s, ratio {row['ratio']:.3f}", flush=True)
+        print(f"{name:>6} bs {bs:>4} K {k}={k_run}{' aug' if args.aug else ''}: "
+              f"plain {row['plain_images_per_s']:>7} img/s, mnist_lab fit {row['fit_images_per_s']:>7} img/s, "
+              f"ratio {row['ratio']:.3f}", flush=True)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "lightning": L.__version__, "threads": torch.get_num_threads(),

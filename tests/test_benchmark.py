@@ -26,7 +26,9 @@ def test_benchmark_script_runs_and_writes_every_field(synthetic_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert {"device", "torch", "lightning", "threads", "precision", "epochs", "repeats", "rows"} <= set(result)
-    assert [(r["model"], r["batch_size"]) for r in result["rows"]] == [("fc", 16), ("conv2", 16)]
+    # the package's default steps_per_execution (auto): 2048 images a step at batch 16 is 128, at most 32
+    assert [(r["model"], r["batch_size"], r["steps_per_execution"], r["k"]) for r in result["rows"]] == \
+        [("fc", 16, "auto", 32), ("conv2", 16, "auto", 32)]
     for row in result["rows"]:
         assert row["images_per_epoch"] == 160
         assert [len(r) for r in row["plain_epoch_seconds"]] == [len(r) for r in row["fit_epoch_seconds"]] == [2, 2]

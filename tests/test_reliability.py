@@ -92,7 +92,10 @@ def test_a_run_killed_mid_epoch_resumes_to_the_uninterrupted_metrics(signal, cod
     killed = train_cli([*RUN, *kill, f"hydra.run.dir={run}"], synthetic_root, tmp_path)
     assert killed.returncode == code, killed.stderr[-3000:]
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert last["epoch"] == 1  # epochs 0 and 1 completed; the kill came in the middle of epoch 2
+    # epochs 0 and 1 completed; the kill came in the middle of epoch 2, inside a training step (a group of
+    # steps_per_execution=auto mini-batches: here the epoch's 25). SIGKILL and SIGINT stop there; Lightning
+    # handles SIGTERM once the training step is done, so epoch 2 ends and is saved first
+    assert last["epoch"] == (2 if signal == "SIGTERM" else 1)
     if signal == "SIGKILL":
         assert not (run / "metrics.json").exists()
     else:  # a caught signal: one line that says how to continue, and the status on disk
@@ -203,25 +206,37 @@ def test_a_sparser_divergence_check_still_stops_before_the_next_checkpoint(synth
 
 
 # ---------------------------------------------------------------- DDP
-@pytest.mark.parametrize("k", [1, 8], ids=["steps_per_execution_1", "steps_per_execution_8"])
-def test_two_process_ddp_on_cpu(k, synthetic_root, tmp_path):
-    run = tmp_path / "run"
-    args = [f"steps_per_execution={k}", "model=fc", "optimizer.lr=1e-5", "trainer.max_epochs=2",
-            "trainer.accelerator=cpu", "trainer.devices=2",
-            "trainer.strategy=ddp", "eval.full=false", "+callbacks.seen._target_=probes.SeenSamples",
-            f"hydra.run.dir={run}", *QUIET]
-    proc = train_cli(args, synthetic_root, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("run dir:") == 1
+def test_two_process_ddp_on_cpu_trains_each_image_once_and_the_same_for_every_k(synthetic_root, tmp_path):
+    """steps_per_execution 1, auto (the default) and 8, with a validation every 10 steps and the batch loss
+    logged every 6 (13 steps an epoch per rank): identical runs."""
+    for k in (1, "auto", 8):
+        run = tmp_path / str(k)
+        args = [f"steps_per_execution={k}", "model=fc", "optimizer.lr=1e-5", "trainer.max_epochs=2",
+                "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp", "eval.full=false",
+                "+trainer.val_check_interval=10", "trainer.log_every_n_steps=6", "module.log_train_steps=true",
+                "trainer.deterministic=true", "+callbacks.seen._target_=probes.SeenSamples", f"hydra.run.dir={run}",
+                *QUIET]
+        proc = train_cli(args, synthetic_root, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("run dir:") == 1
 
-    seen = [json.loads((run / f"seen_rank{r}.json").read_text()) for r in (0, 1)]
-    for epoch in ("0", "1"):  # each rank: its own half of the 800 training images, each image once
-        a, b = seen[0][epoch], seen[1][epoch]
-        assert len(a) == len(set(a)) == len(b) == len(set(b)) == 400
-        assert not set(a) & set(b) and set(a) | set(b) == set(range(800))
-    assert seen[0]["0"] != seen[0]["1"]  # a new shuffle each epoch
+        seen = [json.loads((run / f"seen_rank{r}.json").read_text()) for r in (0, 1)]
+        for epoch in ("0", "1"):  # each rank: its own half of the 800 training images, each image once
+            a, b = seen[0][epoch], seen[1][epoch]
+            assert len(a) == len(set(a)) == len(b) == len(set(b)) == 400
+            assert not set(a) & set(b) and set(a) | set(b) == set(range(800))
+        assert seen[0]["0"] != seen[0]["1"]  # a new shuffle each epoch
+    k1, auto, k8 = (tmp_path / str(k) for k in (1, "auto", 8))
+    assert (summary(auto) | {"steps_per_execution": 0}) == (summary(k1) | {"steps_per_execution": 0}) == \
+        (summary(k8) | {"steps_per_execution": 0})
+    assert [summary(r)["steps_per_execution"] for r in (k1, auto, k8)] == [1, 32, 8]
+    assert rows(auto) == rows(k1) == rows(k8)
+    assert [r["step"] for r in rows(k1) if r["val/loss"]] == ["9", "22"]  # after the 10th step of each epoch
+    assert_same_state(auto, k1)
+    assert_same_state(k8, k1)
 
     # only rank 0 writes the run dir (the other rank writes only its own Hydra log)
+    run = k1
     written = {p.name for p in run.iterdir()} - {"seen_rank0.json", "seen_rank1.json"}
     assert written == {".hydra", "checkpoints", "config.yaml", "hparams.yaml", "metrics.csv", "metrics.json",
                        "curves.png", "confusion_matrix.png", "samples.png", "train.log", "train_ddp_process_1.log"}
