@@ -63,7 +63,7 @@ class InMemoryBatches:
 
     Lightning accepts it wherever a DataLoader goes. ``images`` float32 ``(B, 1, 28, 28)`` in [0, 1]
     (augmented if ``augment`` is given), ``labels`` int64 ``(B,)``, both on the device of the stored tensors.
-    ``len`` counts batches, whatever ``group``.
+    ``len`` counts batches, whatever ``group_ends``.
 
     Args:
         images: uint8 ``(N, 28, 28)``.

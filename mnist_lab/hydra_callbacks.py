@@ -45,10 +45,10 @@ class RunDirGuard(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            if config.get("resume") and Path(config.resume).resolve() != sweep_dir.resolve():
-                _relaunch(Path(config.resume), config)
-            if config.get("resume"):  # the relaunched sweep, in its own dir
-                check_writable(sweep_dir, "sweep dir", "resume=<sweep dir>")
+            if config.get("resume"):
+                if Path(config.resume).resolve() != sweep_dir.resolve():
+                    _relaunch(Path(config.resume), config)  # does not return
+                check_writable(sweep_dir, "sweep dir", "resume=<sweep dir>")  # the relaunched sweep, in its own dir
                 return
             if sweep_dir.is_dir() and next(sweep_dir.rglob(".hydra/overrides.yaml"), None) is not None:
                 raise ConfigError(f"the sweep dir {sweep_dir} already holds a sweep; give a new hydra.sweep.dir "

@@ -1,7 +1,7 @@
 """Steps per execution (Keras's name): ``K`` optimizer steps per Lightning training step.
 
-With ``K > 1`` the datamodule's training batches come in groups of ``K`` (the module sets the loader's
-``group`` each epoch) and :meth:`StepsPerExecution.train_group` runs them with manual optimisation,
+With ``K > 1`` the datamodule's training batches come in groups of up to ``K`` (the module sets the loader's
+``group_ends`` each epoch) and :meth:`StepsPerExecution.train_group` runs them with manual optimisation,
 exactly as ``K`` steps of automatic optimisation would: zero_grad, backward (through the precision
 plugin: bf16 autocast, the fp16 scaler), gradient clipping (``trainer.gradient_clip_val``), optimizer
 step, a per-step LR scheduler; per-epoch schedulers after the epoch's last batch (ReduceLROnPlateau after

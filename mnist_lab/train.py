@@ -155,10 +155,11 @@ def resume_job(cfg: DictConfig, job_dir: Path) -> float | None:
     (:func:`resume`); a failed one, or one that never started or saved no checkpoint, runs again from
     the start (its earlier files removed). Returns the job's :data:`OBJECTIVE`."""
     run = RunDir(job_dir)
-    status = run.read_metrics().get("status")
+    metrics = run.read_metrics()
+    status = metrics.get("status")
     if status in ("completed", "diverged"):
         print(f"job {job_dir.name}: {status} before, skipped")
-        return run.read_metrics().get(OBJECTIVE)
+        return metrics.get(OBJECTIVE)
     if status in (None, "interrupted") and run.config.is_file() and run.checkpoint("last").is_file():
         return resume(job_dir).get(OBJECTIVE)
     for leftover in (run.config, run.metrics, run.history):
