@@ -1,5 +1,6 @@
 """The Lightning callbacks mnist_lab adds to a run: the run dir through Lightning's hooks
-(:class:`RunRecord`), exact resume (:class:`ResumeState`) and a stop on divergence (:class:`DivergenceGuard`).
+(:class:`RunRecord`), exact resume (:class:`ResumeState`), a stop on divergence (:class:`DivergenceGuard`) and
+an exponential moving average of the weights (:class:`EMA`, Lightning's, tested as it is tested).
 The rest (checkpoints, early stopping, timing, progress) are Lightning's, in ``conf/callbacks/default.yaml``.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, Timer, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, Timer, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
@@ -55,6 +56,37 @@ class ResumeState(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if any(isinstance(cb, EarlyStopping) and cb.stopped_epoch > 0 for cb in trainer.callbacks):
             trainer.should_stop = True
+
+
+class EMA(EMAWeightAveraging):
+    """An exponential moving average of the weights (Polyak & Juditsky 1992), BatchNorm statistics
+    included: after every optimizer step ``w_ema = decay * w_ema + (1 - decay) * w``. Validation runs on
+    the averaged weights, so ``val/loss`` picks among them, and every checkpoint's ``state_dict`` holds
+    them (the raw weights go under ``current_model_state``, for ``resume=``): the tested and the exported
+    model is the average.
+
+    Lightning's ``EMAWeightAveraging`` with one change: when ``Trainer.test`` / ``predict`` loads a
+    checkpoint after ``fit`` in the same process, Lightning's callback would put the raw weights back
+    (``current_model_state``) and test those; here a checkpoint loaded outside ``fit`` keeps its
+    ``state_dict``, the average, as ``Classifier.load_from_checkpoint`` does.
+
+    Args:
+        decay: weight of the old average per step, in [0, 1); 0.999 averages over ~1,000 steps.
+        update_starting_at_step: the first optimizer step (0-based) that updates the average (None: 0).
+
+    Raises:
+        ConfigError: ``decay`` outside [0, 1).
+    """
+
+    def __init__(self, decay: float = 0.999, update_starting_at_step: int | None = None):
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"callbacks.ema.decay={decay} is outside [0, 1): it is the weight of the old average "
+                              "per step; use e.g. callbacks.ema.decay=0.999")
+        super().__init__(decay=decay, update_starting_at_step=update_starting_at_step)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
 
 
 class DivergenceGuard(L.Callback):

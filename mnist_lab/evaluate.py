@@ -25,7 +25,11 @@ from mnist_lab.errors import ConfigError, MnistLabError, exit_with
 from mnist_lab.evaluation import EvaluationSuite
 from mnist_lab.module import Classifier
 from mnist_lab.rundir import given_checkpoints, write_json
-from mnist_lab.transforms import to_unit
+from mnist_lab.transforms import shift_pixels, to_unit
+
+#: the views of test-time augmentation: the image and its 1-pixel shifts (dx, dy) in the four directions.
+#: Shifts only: digits are not symmetric, so no flips.
+TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 
 
 def eval_trainer(callbacks: list[L.Callback] = ()) -> L.Trainer:
@@ -75,14 +79,32 @@ def evaluate_checkpoint(ckpt_path: str | Path, output_dir: str | Path, data_root
     return {"checkpoint": str(Path(ckpt_path).resolve()), **evaluate_model(model, datamodule, output_dir, **suite)}
 
 
+def predict_proba(model: Classifier, datamodule: MNISTDataModule, images: torch.Tensor, labels: torch.Tensor,
+                  trainer: L.Trainer | None = None, shifts=((0, 0),)) -> torch.Tensor:
+    """Softmax probabilities ``(N, num_classes)`` of ``model`` for a split's images, averaged over the
+    views ``shifts`` (pixel shifts ``(dx, dy)``, see :func:`~mnist_lab.transforms.shift_pixels`): with
+    :data:`TTA_SHIFTS`, test-time augmentation. Each view goes through ``Trainer.predict``."""
+    trainer = trainer or eval_trainer()
+    views = [predict(model, datamodule.eval_batches(shift_pixels(images, dx, dy), labels), trainer).softmax(1)
+             for dx, dy in shifts]
+    return torch.stack(views).mean(0)
+
+
 def evaluate_ensemble(ckpt_paths: list[str | Path], data_root: str | Path | None = None,
-                      max_images: int | None = None) -> dict:
+                      max_images: int | None = None, tta: bool = False) -> dict:
     """Test accuracy and NLL of each checkpoint and of their ensemble, whose probabilities are the
-    mean of the members' softmax probabilities (e.g. the seeds of one preset).
+    mean of the members' softmax probabilities (e.g. the seeds of one preset; one checkpoint is an
+    ensemble of one).
+
+    With ``tta``, also test-time augmentation: each member's probabilities averaged over the views of
+    :data:`TTA_SHIFTS`, on the validation split as well as the test split, so that it is chosen on
+    validation: ``tta["chosen"]`` is whether it raises the ensemble's validation accuracy.
 
     Returns:
         ``{"n_test", "ensemble": {"test/acc", "test/nll"},
-        "members": [{"checkpoint", "model", "test/acc", "test/nll"}, ...]}``.
+        "members": [{"checkpoint", "model", "test/acc", "test/nll"}, ...]}``; with ``tta`` also
+        ``"tta": {"shifts", "val/acc", "val/acc_tta", "test/acc_tta", "test/nll_tta", "chosen"}`` (the
+        ensemble's) and ``test/acc_tta`` per member.
 
     Raises:
         ConfigError: see :meth:`Classifier.load_from_checkpoint`, or checkpoints trained on different
@@ -96,17 +118,31 @@ def evaluate_ensemble(ckpt_paths: list[str | Path], data_root: str | Path | None
     dm = members[0][2]
     dm.prepare_data()
     dm.setup("test")
-    x, y = (t[:max_images] if max_images else t for t in dm.splits["test"])
     trainer = eval_trainer()
-    probs = [predict(model, dm.eval_batches(x, y), trainer).softmax(1) for _, model, _ in members]
-    y = y.to(probs[0].device)
 
-    def scores(p: torch.Tensor) -> dict[str, float]:
-        return {"test/acc": float((p.argmax(1) == y).float().mean()), "test/nll": float(F.nll_loss(p.log(), y))}
+    def probabilities(split: str, shifts) -> tuple[list[torch.Tensor], torch.Tensor]:
+        x, y = (t[:max_images] if max_images else t for t in dm.splits[split])
+        return [predict_proba(model, dm, x, y, trainer, shifts) for _, model, _ in members], y
 
-    return {"n_test": int(y.numel()), "ensemble": scores(torch.stack(probs).mean(0)),
-            "members": [{"checkpoint": str(path), "model": model.name, **scores(p)}
-                        for (path, model, _), p in zip(members, probs)]}
+    def scores(p: torch.Tensor, y: torch.Tensor, prefix: str = "test/", suffix: str = "") -> dict[str, float]:
+        y = y.to(p.device)
+        return {f"{prefix}acc{suffix}": float((p.argmax(1) == y).float().mean()),
+                f"{prefix}nll{suffix}": float(F.nll_loss(p.log(), y))}
+
+    probs, y = probabilities("test", ((0, 0),))
+    result = {"n_test": int(y.numel()), "ensemble": scores(torch.stack(probs).mean(0), y),
+              "members": [{"checkpoint": str(path), "model": model.name, **scores(p, y)}
+                          for (path, model, _), p in zip(members, probs)]}
+    if tta:
+        probs_tta, _ = probabilities("test", TTA_SHIFTS)
+        for member, p in zip(result["members"], probs_tta):
+            member["test/acc_tta"] = scores(p, y)["test/acc"]
+        val, y_val = probabilities("val", ((0, 0),))
+        val_tta, _ = probabilities("val", TTA_SHIFTS)
+        plain, shifted = (scores(torch.stack(v).mean(0), y_val, "val/")["val/acc"] for v in (val, val_tta))
+        result["tta"] = {"shifts": [list(s) for s in TTA_SHIFTS], "val/acc": plain, "val/acc_tta": shifted,
+                         **scores(torch.stack(probs_tta).mean(0), y, suffix="_tta"), "chosen": shifted > plain}
+    return result
 
 
 def _from_checkpoint(ckpt_path: str | Path, data_root: str | Path | None = None) -> tuple[Classifier,
@@ -147,28 +183,35 @@ def evaluate_robustness(model: Classifier, datamodule: MNISTDataModule,
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    """``python -m mnist_lab.evaluate ckpt_path=PATH | run_dir=PATH [output_dir=DIR]``; with a list of
-    checkpoints or run dirs (``ckpt_path=[a.ckpt,b.ckpt]``), their ensemble's test accuracy."""
+    """``python -m mnist_lab.evaluate ckpt_path=PATH | run_dir=PATH [output_dir=DIR] [tta=true]``; with a list
+    of checkpoints or run dirs (``ckpt_path=[a.ckpt,b.ckpt]``), their ensemble's test accuracy; ``tta=true``
+    adds test-time augmentation, measured on validation and test (``tta.json``, ``ensemble.json``)."""
     quiet_lightning()
     try:
         ckpts = given_checkpoints(cfg.ckpt_path, cfg.run_dir)
-        if len(ckpts) > 1:
-            result = evaluate_ensemble(ckpts, data_root=cfg.data_root, max_images=cfg.max_images)
-            if cfg.output_dir:
-                Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-                write_json(Path(cfg.output_dir) / "ensemble.json", result)
-        else:
-            out = Path(cfg.output_dir) if cfg.output_dir else ckpts[0].parent.parent
+        out = Path(cfg.output_dir) if cfg.output_dir else (ckpts[0].parent.parent if len(ckpts) == 1 else None)
+        if len(ckpts) > 1 or cfg.tta:
+            ensemble = evaluate_ensemble(ckpts, data_root=cfg.data_root, max_images=cfg.max_images, tta=cfg.tta)
+            if out is not None:
+                out.mkdir(parents=True, exist_ok=True)
+                write_json(out / ("ensemble.json" if len(ckpts) > 1 else "tta.json"), ensemble)
+        if len(ckpts) == 1:
             result = evaluate_checkpoint(ckpts[0], out, data_root=cfg.data_root, seed=cfg.seed,
                                          temperature=cfg.temperature, max_images=cfg.max_images)
     except MnistLabError as e:
         exit_with(e)
     if len(ckpts) > 1:
-        for m in result["members"]:
+        for m in ensemble["members"]:
             print(f"{m['checkpoint']}  test/acc: {m['test/acc']:.4f}  NLL: {m['test/nll']:.4f}")
-        ens = result["ensemble"]
+        ens = ensemble["ensemble"]
         print(f"ensemble of {len(ckpts)} (mean probabilities)  test/acc: {ens['test/acc']:.4f}  "
               f"NLL: {ens['test/nll']:.4f}")
+    if cfg.tta:
+        t = ensemble["tta"]
+        print(f"test-time augmentation ({len(t['shifts'])} views): val/acc {t['val/acc']:.4f} -> "
+              f"{t['val/acc_tta']:.4f} ({'chosen' if t['chosen'] else 'not chosen'} on validation), "
+              f"test/acc {t['test/acc_tta']:.4f}")
+    if len(ckpts) > 1:
         return
     rob = result["robustness"]
     print(f"test/acc: {result['test/acc']:.4f}  ECE: {result['test/ece']:.4f}  NLL: {result['test/nll']:.4f}")

@@ -1,6 +1,7 @@
 """Classifier: the one LightningModule, wrapping any network that maps images to logits.
 
-Train, validation and test share ``model_step`` (cross-entropy on logits). Metrics are accumulated
+Train, validation and test share ``model_step`` (cross-entropy on logits; training alone may smooth the
+labels). Metrics are accumulated
 on the device and logged once per epoch (no per-step ``self.log``, sync or ``.item()``):
 ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/{precision,recall,f1}_macro``
 (``test/`` for ``trainer.test``); ``log_train_steps=True`` adds the per-step ``train/loss_step``.
@@ -90,11 +91,16 @@ class Classifier(StepsPerExecution, L.LightningModule):
             a good part of a small net's step (docs/speed.md).
         steps_per_execution: mini-batches per Lightning training step, each an optimizer step, or
             ``"auto"`` (:mod:`mnist_lab.steps`): the same training, Lightning's per-step cost paid once per group.
+        label_smoothing: the training loss's target puts ``1 - label_smoothing`` on the label and spreads
+            ``label_smoothing`` evenly over all classes (Szegedy et al. 2016; ``F.cross_entropy``'s
+            ``label_smoothing``). ``train/loss`` is that loss; ``val/loss`` and ``test/loss``, which pick
+            and report checkpoints, stay the plain cross-entropy.
 
     Raises:
         ConfigError: a ``_target_`` that is not an ``nn.Module`` / optimizer / scheduler class (a config
             from a checkpoint builds nothing else), bad values for the network, or ``steps_per_execution``
-            neither ``"auto"`` nor a positive integer (others when training starts: :mod:`mnist_lab.steps`).
+            neither ``"auto"`` nor a positive integer (others when training starts: :mod:`mnist_lab.steps`),
+            ``label_smoothing`` outside [0, 1).
     """
 
     def __init__(
@@ -108,8 +114,12 @@ class Classifier(StepsPerExecution, L.LightningModule):
         compile_mode: str = "default",
         log_train_steps: bool = False,
         steps_per_execution: int | str = "auto",
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"module.label_smoothing={label_smoothing} is outside [0, 1): it is the share of the "
+                              "target spread over all classes; use e.g. module.label_smoothing=0.1 (0 turns it off)")
         net, optimizer, scheduler = _plain(net), _plain(optimizer), _plain(scheduler)
         # configs are saved, objects are not: a checkpoint must load with weights_only=True
         self.save_hyperparameters(ignore=[name for name, value in (("net", net), ("optimizer", optimizer),
@@ -171,11 +181,11 @@ class Classifier(StepsPerExecution, L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self._compiled_forward(x) if self._compiled_forward is not None else self.net(x)
 
-    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor]):
+    def model_step(self, batch: tuple[torch.Tensor, torch.Tensor], label_smoothing: float = 0.0):
         """One batch -> ``(mean cross-entropy loss, logits (B, C), labels (B,))``."""
         x, y = batch
         logits = self(x)
-        return F.cross_entropy(logits, y), logits, y
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits, y
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         """One mini-batch ``(images, labels)`` -> its mean loss; with ``steps_per_execution > 1`` a
@@ -183,7 +193,7 @@ class Classifier(StepsPerExecution, L.LightningModule):
         return self._train_loss(batch) if self.automatic_optimization else self.train_group(batch, self._train_loss)
 
     def _train_loss(self, batch) -> torch.Tensor:
-        loss, logits, y = self.model_step(batch)
+        loss, logits, y = self.model_step(batch, self.hparams.label_smoothing)
         with torch.no_grad():  # the epoch's sums: loss x images (a mean over images, not batches), correct, images
             n = y.numel()
             step = torch.stack([loss.detach().float() * n, (logits.argmax(1) == y).sum().float(),

@@ -105,6 +105,24 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(1) if x.dim() == 3 else x
 
 
+def shift_pixels(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """Images moved by whole pixels, ``dx`` right and ``dy`` down; the pixels moved in are 0 (background).
+    Exact (no interpolation): the views of test-time augmentation.
+
+    Args:
+        images: ``(..., H, W)`` tensor of any dtype (uint8 or float images).
+        dx, dy: shifts in pixels, each of absolute value below the image side.
+
+    Returns:
+        a new tensor of the same shape, dtype and device.
+    """
+    h, w = images.shape[-2:]
+    out = torch.zeros_like(images)
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        images[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
 def elastic(images: torch.Tensor, alpha: float, sigma: float = 4.0,
             generator: torch.Generator | None = None) -> torch.Tensor:
     """Elastic distortion of every image by its own random displacement field (Simard et al. 2003,
