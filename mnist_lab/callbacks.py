@@ -1,6 +1,7 @@
 """The Lightning callbacks mnist_lab adds to a run: the run dir through Lightning's hooks
 (:class:`RunRecord`), exact resume (:class:`ResumeState`), a stop on divergence (:class:`DivergenceGuard`) and
-an exponential moving average of the weights (:class:`EMA`, Lightning's, tested as it is tested).
+an exponential moving average of the weights (:class:`EMA`, Lightning's, tested as it is tested) and
+the learning dynamics every N optimizer steps (:class:`Dynamics`).
 The rest (checkpoints, early stopping, timing, progress) are Lightning's, in ``conf/callbacks/default.yaml``.
 """
 
@@ -25,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnist_lab.errors import ConfigError, RunInterrupted, TrainingDiverged
 from mnist_lab.models import count_parameters
-from mnist_lab.plots import plot_curves, plot_samples
+from mnist_lab.plots import plot_curves, plot_dynamics, plot_samples
 from mnist_lab.rundir import RunCSVLogger, RunDir, provenance, read_epoch_metrics, write_json, write_text_atomic
 
 
@@ -87,6 +88,87 @@ class EMA(EMAWeightAveraging):
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+
+class Dynamics(L.Callback):
+    """Learning dynamics, every ``every_n_steps`` optimizer steps, to every logger (``metrics.csv``,
+    TensorBoard) at that ``step``:
+
+    - ``dynamics/train_loss``, ``dynamics/train_acc``: the training loss and top-1 accuracy over the
+      mini-batches since the last record (or the epoch's start), from the module's running sums;
+    - ``dynamics/grad_norm``: the global L2 norm of the gradient of the step (before clipping);
+    - per parameterised layer of the network (a module with parameters of its own, e.g.
+      ``backbone.0``; weight and bias together): ``grad_norm/<layer>``, ``weight_norm/<layer>`` (before the
+      step) and ``update_ratio/<layer>`` = ``||w_after - w_before|| / ||w_before||``, the step's relative
+      update, which is the layer's effective learning rate;
+    - ``dynamics/lr``: the learning rate of the step (the first parameter group's).
+
+    Every ``every_n_steps``-th step is recorded (``step`` N - 1, 2N - 1, ...: 0-based, as Lightning's rows), with any
+    ``steps_per_execution``: the module ends its groups of mini-batches at those steps
+    (:func:`mnist_lab.steps.group_ends`), so each recorded step is the last of its group, which goes
+    through Lightning's hooks. The norms are torch's ``get_total_norm`` on the device (Lightning's
+    ``grad_norm`` copies every parameter's norm to the host); one host sync per recorded step.
+    ``dynamics.png`` in the run dir shows them (:func:`mnist_lab.plots.plot_dynamics`).
+
+    Args:
+        every_n_steps: optimizer steps between records; None turns the callback off (the default config).
+
+    Raises:
+        ConfigError: ``every_n_steps`` not a positive integer.
+    """
+
+    def __init__(self, every_n_steps: int | None = None):
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
+                                          or every_n_steps < 1):
+            raise ConfigError(f"callbacks.dynamics.every_n_steps={every_n_steps!r} must be a positive number of "
+                              "optimizer steps, e.g. 50 (null turns the dynamics off)")
+        self.every_n_steps = every_n_steps
+        self._before: dict | None = None
+        self._sums_at_last_record: torch.Tensor | None = None
+
+    def _layers(self, pl_module: L.LightningModule) -> dict[str, list[torch.Tensor]]:
+        net = getattr(pl_module, "net", pl_module)
+        return {name: list(m.parameters(recurse=False)) for name, m in net.named_modules()
+                if any(p.requires_grad for p in m.parameters(recurse=False))}
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sums_at_last_record = None  # the module's running sums start again each epoch
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.every_n_steps or (trainer.global_step + 1) % self.every_n_steps:
+            return
+        layers = self._layers(pl_module)
+        grads = {n: [p.grad for p in ps if p.grad is not None] for n, ps in layers.items()}
+        self._before = {
+            "grad": torch.nn.utils.get_total_norm([g for gs in grads.values() for g in gs]),
+            "grads": torch.stack([torch.nn.utils.get_total_norm(gs) for gs in grads.values()]),
+            "weights": {n: [p.detach().clone() for p in ps] for n, ps in layers.items()},
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+        }
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if self._before is None or trainer.global_step % self.every_n_steps:
+            return
+        before, self._before = self._before, None
+        layers = self._layers(pl_module)
+        w_norm = torch.stack([torch.nn.utils.get_total_norm(ws) for ws in before["weights"].values()])
+        deltas = torch.stack([torch.nn.utils.get_total_norm([p.detach() - w for p, w in zip(layers[n], ws)])
+                              for n, ws in before["weights"].items()])
+        sums = pl_module._train_sums
+        window = sums - self._sums_at_last_record if self._sums_at_last_record is not None else sums
+        self._sums_at_last_record = sums.clone()
+        values = torch.cat([window[:1] / window[2], window[1:2] / window[2], before["grad"].reshape(1),
+                            before["grads"], w_norm, deltas / w_norm]).tolist()  # the one host sync
+        names = list(layers)
+        n = len(names)
+        metrics = {"dynamics/train_loss": values[0], "dynamics/train_acc": values[1], "dynamics/grad_norm": values[2],
+                   "dynamics/lr": before["lr"],
+                   **{f"grad_norm/{k}": v for k, v in zip(names, values[3:3 + n])},
+                   **{f"weight_norm/{k}": v for k, v in zip(names, values[3 + n:3 + 2 * n])},
+                   **{f"update_ratio/{k}": v for k, v in zip(names, values[3 + 2 * n:])}}
+        for logger in trainer.loggers if trainer.is_global_zero else ():
+            logger.log_metrics(metrics, step=trainer.global_step - 1)  # as Lightning: the 0-based index of the step
 
 
 class DivergenceGuard(L.Callback):
@@ -191,7 +273,8 @@ class RunRecord(L.Callback):
       command, or ``failed``) and the error; for an interrupt, :attr:`interruption` is what to raise;
     - the test ends: ``metrics.json`` (status ``completed``, every ``test/``, ``robustness/`` figure the
       test logged, the best and last epochs' figures, parameters, FLOPs, timings, data and provenance),
-      ``curves.png``, and the run's settings and results in TensorBoard's HPARAMS tab.
+      ``curves.png`` (and ``dynamics.png`` with :class:`Dynamics` on), and the run's settings and results
+      in TensorBoard's HPARAMS tab.
 
     Args:
         config: the run's resolved config; ``config.run_dir`` is the run dir.
@@ -303,3 +386,5 @@ class RunRecord(L.Callback):
                 logger.log_hyperparams(settings, results)
         if self.config.plots and ("train/loss" in history or "val/loss" in history):
             plot_curves(self.run.history, self.run.path / "curves.png", title=self.metrics["model"])
+        if self.config.plots and any(isinstance(cb, Dynamics) and cb.every_n_steps for cb in trainer.callbacks):
+            plot_dynamics(self.run.history, self.run.path / "dynamics.png", title=self.metrics["model"])

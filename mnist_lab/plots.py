@@ -13,7 +13,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mnist_lab.rundir import read_epoch_metrics
+from mnist_lab.rundir import read_epoch_metrics, read_step_metrics
 
 
 def plot_curves(metrics_csv: str | Path, path: str | Path, title: str = "") -> Path:
@@ -32,6 +32,43 @@ def plot_curves(metrics_csv: str | Path, path: str | Path, title: str = "") -> P
         ax.set_ylabel("cross-entropy loss" if metric == "loss" else "top-1 accuracy")
         ax.grid(alpha=0.3)
         ax.legend()
+    return _save(fig, path, title)
+
+
+def plot_dynamics(metrics_csv: str | Path, path: str | Path, title: str = "") -> Path:
+    """``dynamics.png``, from the :class:`~mnist_lab.callbacks.Dynamics` records of ``metrics.csv``: the
+    training loss (per record) and the validation loss (per validation) against optimizer steps, log y;
+    the global gradient norm, log y; the update ratio ``||dw|| / ||w||`` of each layer, log y; the
+    generalisation gap (train minus val top-1 accuracy) per epoch."""
+    steps, epochs = read_step_metrics(metrics_csv), read_epoch_metrics(metrics_csv)
+    fig = Figure(figsize=(12, 8))
+    (loss, grad), (ratio, gap) = fig.subplots(2, 2)
+
+    def line(ax, series: dict[int, float], style: str = "-", label: str | None = None):
+        if series:
+            ax.plot([s + 1 for s in sorted(series)], [series[s] for s in sorted(series)], style, label=label)
+
+    line(loss, steps.get("dynamics/train_loss", {}), "-", "train (per record)")
+    line(loss, steps.get("val/loss", {}), "s--", "val")
+    line(grad, steps.get("dynamics/grad_norm", {}))
+    for key in sorted(k for k in steps if k.startswith("update_ratio/")):
+        line(ratio, steps[key], "-", key.removeprefix("update_ratio/"))
+    for ax, ylabel in ((loss, "cross-entropy loss"), (grad, "gradient norm (L2, all parameters)"),
+                       (ratio, "update ratio ||dw|| / ||w||")):
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    loss.legend()
+    ratio.legend(fontsize=7, ncol=2)
+    train_acc, val_acc = epochs.get("train/acc", {}), epochs.get("val/acc", {})
+    common = sorted(set(train_acc) & set(val_acc))
+    gap.plot([e + 1 for e in common], [train_acc[e] - val_acc[e] for e in common], "o-")
+    gap.axhline(0, color="grey", lw=0.8)
+    gap.set_xlabel("epoch")
+    gap.xaxis.set_major_locator(MaxNLocator(integer=True))
+    gap.set_ylabel("train - val top-1 accuracy")
+    gap.grid(alpha=0.3)
     return _save(fig, path, title)
 
 

@@ -92,6 +92,23 @@ def read_epoch_metrics(metrics_csv: str | Path) -> dict[str, dict[int, float]]:
     return dict(series)
 
 
+def read_step_metrics(metrics_csv: str | Path) -> dict[str, dict[int, float]]:
+    """Read ``metrics.csv`` into ``{metric: {step: value}}``, every row (``step``: the 0-based index of the
+    last optimizer step the value covers, as Lightning writes it); ``{}`` when there is no file."""
+    series: dict[str, dict[int, float]] = defaultdict(dict)
+    if not Path(metrics_csv).is_file():
+        return {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("step") in ("", None):
+                continue
+            step = int(float(row["step"]))
+            for key, value in row.items():
+                if key not in ("epoch", "step") and value not in ("", None):
+                    series[key][step] = float(value)
+    return dict(series)
+
+
 def provenance(device: torch.device) -> dict:
     """What a reader needs to reproduce a run: the versions of mnist_lab, torch, Lightning and Python, the
     git commit of the clone mnist_lab runs from (None from a wheel) and whether it had uncommitted changes

@@ -25,6 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, StochasticWeightAveraging, WeightAveraging
 
+from mnist_lab.callbacks import Dynamics
 from mnist_lab.errors import ConfigError
 
 #: images per Lightning step that ``auto`` aims for: Lightning's per-step cost (~0.3 ms of Python, a few
@@ -46,8 +47,9 @@ def group_ends(trainer: L.Trainer, k: int, log_steps: bool) -> list[int]:
     """Where this epoch's groups of at most ``k`` mini-batches end, as counts of the epoch's batches: after
     every ``k``, and wherever an option counted in training steps acts (``val_check_interval``, counted in
     the epoch, or over the run without ``check_val_every_n_epoch``; ``log_every_n_steps`` when the module
-    logs steps; checkpoints every N steps; ``max_steps``), so that it acts after the same mini-batch as with
-    ``K = 1``; the last end is the epoch's ``num_training_batches`` (``limit_train_batches``)."""
+    logs steps; checkpoints every N steps; the :class:`~mnist_lab.callbacks.Dynamics` records; ``max_steps``),
+    so that it acts after the same mini-batch as with ``K = 1``; the last end is the epoch's
+    ``num_training_batches`` (``limit_train_batches``)."""
     loop = trainer.fit_loop.epoch_loop
     # batches of this epoch already trained: 0, or where a checkpoint saved mid-epoch left it (Lightning's
     # loop counts them once it restarts, after this hook; one more if it was saved at a batch's end)
@@ -57,6 +59,7 @@ def group_ends(trainer: L.Trainer, k: int, log_steps: bool) -> list[int]:
     run_wide += [cb._every_n_train_steps for cb in trainer.callbacks
                  if isinstance(cb, ModelCheckpoint) and cb._every_n_train_steps]
     run_wide += [trainer.log_every_n_steps] if log_steps else []
+    run_wide += [cb.every_n_steps for cb in trainer.callbacks if isinstance(cb, Dynamics) and cb.every_n_steps]
     in_epoch = []
     if trainer.val_check_batch is not None and trainer.val_check_batch < n:
         (in_epoch if trainer.check_val_every_n_epoch is not None else run_wide).append(int(trainer.val_check_batch))
