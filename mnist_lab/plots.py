@@ -173,18 +173,19 @@ def plot_val_curves(groups: list[dict], path: str | Path, title: str = "") -> Pa
 
 
 def plot_run_curves(runs: dict[str, list[dict[int, float]]], metric: str, path: str | Path, title: str = "",
-                    log: bool = True) -> Path:
+                    log: bool = True, x: str = "epoch") -> Path:
     """``runs_<metric>.png``: ``metric`` per epoch for every run (one thin line a seed), one colour per
     configuration; log scale by default, so a collapsed run does not flatten the others. ``runs``:
-    configuration label -> one ``{epoch (0-based): value}`` per run."""
+    configuration label -> one ``{epoch (0-based): value}`` per run; ``x="optimizer step"``: keyed by
+    0-based step instead (a value per validation or per dynamics record)."""
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
     for i, (label, curves) in enumerate(runs.items()):
         for j, curve in enumerate(curves):
             epochs = sorted(curve)
-            ax.plot([e + 1 for e in epochs], [curve[e] for e in epochs], "o-", ms=2.5, lw=1, alpha=0.8,
-                    color=f"C{i % 10}", label=label if j == 0 else None)
-    ax.set_xlabel("epoch")
+            ax.plot([e + 1 for e in epochs], [curve[e] for e in epochs], "o-" if x == "epoch" else "-", ms=2.5, lw=1,
+                    alpha=0.8, color=f"C{i % 10}", label=label if j == 0 else None)
+    ax.set_xlabel(x)
     ax.set_ylabel(f"{metric} (every run{', log scale' if log else ''})")
     if log:
         ax.set_yscale("log")

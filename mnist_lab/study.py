@@ -30,13 +30,20 @@ LABELS = {
     "train_seconds": "train s", "epochs": "epochs", "gap": "train−val gap", "flops_per_image": "FLOPs / image",
     "robustness/mean": "robust acc (mean)", "robustness/rotation_20": "acc, rotated 20°",
     "robustness/translation_4": "acc, shifted 4 px", "val_loss_epoch1": "val loss after epoch 1",
-    "epochs_to_threshold": "epochs to val acc ≥ {threshold}",
+    "epochs_to_threshold": "epochs to val acc ≥ {threshold}", "val_loss_auc": "val loss, mean over steps",
+    "max_grad_norm": "largest grad norm", "final_grad_norm": "grad norm, last 10 % of steps",
+    "update_ratio_first": "update ratio, first layer", "update_ratio_last": "update ratio, last layer",
 }
 ALPHA = 0.05
 #: Per-job values a study can tabulate and compare, besides any point of ``robustness.json``
 #: (``robustness/noise_0.3``: accuracy under Gaussian noise of std 0.3). docs/studies/README.md says each.
-VALUES = (*METRICS, "gap", "val_loss_epoch1", "epochs_to_threshold")
+VALUES = (*METRICS, "gap", "val_loss_epoch1", "epochs_to_threshold", "val_loss_auc", "max_grad_norm",
+          "final_grad_norm", "update_ratio_first", "update_ratio_last")
 ROBUST = re.compile(r"robustness/([a-z]+)_([\d.]+)")
+#: per-job values with a parameter: ``steps_to_val_acc_0.99`` (optimizer steps until the first validation
+#: at or above 99 %), ``gap_epoch_3`` (train − val top-1 accuracy after epoch 3)
+STEPS_TO = re.compile(r"steps_to_val_acc_([\d.]+)")
+GAP_AT = re.compile(r"gap_epoch_(\d+)")
 
 
 def check_spec(spec: dict, factors: set[str]) -> None:
@@ -53,9 +60,10 @@ def check_spec(spec: dict, factors: set[str]) -> None:
         if not spec.get(key):
             raise ConfigError(f"{where}: study.{key} is missing; every study needs name, question and columns")
     for metric in [*spec["columns"], *(c.get("metric") for c in spec.get("comparisons", []))]:
-        if metric not in VALUES and not ROBUST.fullmatch(str(metric)):
-            raise ConfigError(f"{where}: unknown value {metric!r}; use one of {', '.join(VALUES)} or "
-                              "robustness/<kind>_<strength> (e.g. robustness/noise_0.3)")
+        if metric not in VALUES and not any(r.fullmatch(str(metric)) for r in (ROBUST, STEPS_TO, GAP_AT)):
+            raise ConfigError(f"{where}: unknown value {metric!r}; use one of {', '.join(VALUES)}, "
+                              "robustness/<kind>_<strength> (e.g. robustness/noise_0.3), steps_to_val_acc_<acc> "
+                              "or gap_epoch_<n>")
     for entry in spec.get("names", []):
         for key in set(entry["when"]) - factors:
             raise ConfigError(f"{where}: study.names entry {entry['name']!r} selects on {key!r}, which the sweep "
@@ -88,6 +96,32 @@ def job_value(row: dict, metric: str, threshold: float = 0.99) -> float | None:
     if metric == "epochs_to_threshold":
         reached = [epoch for epoch, acc in history.get("val/acc", {}).items() if acc >= threshold]
         return min(reached) + 1 if reached else None
+    steps = row.get("steps", {})
+    if STEPS_TO.fullmatch(metric):
+        t = float(STEPS_TO.fullmatch(metric).group(1))
+        reached = [step for step, acc in steps.get("val/acc", {}).items() if acc >= t]
+        return min(reached) + 1 if reached else None
+    if GAP_AT.fullmatch(metric):
+        epoch = int(GAP_AT.fullmatch(metric).group(1)) - 1
+        train, val = history.get("train/acc", {}).get(epoch), history.get("val/acc", {}).get(epoch)
+        return None if train is None or val is None else train - val
+    if metric == "val_loss_auc":  # trapezoids over the validations, divided by the steps they span
+        curve = sorted(steps.get("val/loss", {}).items())
+        if len(curve) < 2:
+            return None
+        area = sum((s1 - s0) * (v0 + v1) / 2 for (s0, v0), (s1, v1) in zip(curve, curve[1:]))
+        return area / (curve[-1][0] - curve[0][0])
+    if metric in ("max_grad_norm", "final_grad_norm"):
+        norms = [v for _, v in sorted(steps.get("dynamics/grad_norm", {}).items())]
+        if not norms:
+            return None
+        return max(norms) if metric == "max_grad_norm" else statistics.fmean(norms[-max(1, len(norms) // 10):])
+    if metric in ("update_ratio_first", "update_ratio_last"):  # layers in the network's order (module names)
+        layers = sorted((k for k in steps if k.startswith("update_ratio/")),
+                        key=lambda k: [int(p) if p.isdigit() else p for p in k.split("/", 1)[1].split(".")])
+        if not layers:
+            return None
+        return statistics.fmean(steps[layers[0 if metric == "update_ratio_first" else -1]].values())
     if row.get(metric) is None and ROBUST.fullmatch(metric):  # any point of robustness.json
         kind, strength = ROBUST.fullmatch(metric).groups()
         return row["robustness"].get(kind, {}).get(strength)
@@ -128,7 +162,11 @@ def compare(a: list[float], b: list[float] | None = None, published: float | Non
 def _fmt(metric: str, value: float) -> str:
     if metric in ("params_trainable", "flops_per_image"):
         return f"{value:,.0f}"
-    return f"{value:.1f}" if metric in ("train_seconds", "epochs", "epochs_to_threshold") else f"{value:.4f}"
+    if metric.startswith("update_ratio"):
+        return f"{value:.2e}"
+    if metric in ("train_seconds", "epochs", "epochs_to_threshold") or STEPS_TO.fullmatch(metric):
+        return f"{value:.1f}"
+    return f"{value:.4f}"
 
 
 def _signed(metric: str, value: float) -> str:
@@ -136,13 +174,14 @@ def _signed(metric: str, value: float) -> str:
 
 
 def _cell(metric: str, values: list[float], n_jobs: int) -> str:
+    counted = metric == "epochs_to_threshold" or STEPS_TO.fullmatch(metric)  # "not reached" is no value
     if not values:
-        return f"–, 0/{n_jobs} reached" if metric == "epochs_to_threshold" else "–"
+        return f"–, 0/{n_jobs} reached" if counted else "–"
     mean, std = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
     if metric in ("params_trainable", "flops_per_image"):  # the same for every seed
         return _fmt(metric, mean)
     cell = f"{_fmt(metric, mean)} ± {_fmt(metric, std)} ({len(values)})"
-    return cell + (f", {len(values)}/{n_jobs} reached" if metric == "epochs_to_threshold" else "")
+    return cell + (f", {len(values)}/{n_jobs} reached" if counted else "")
 
 
 def display_name(factors: dict, names: list[dict], short: bool = False) -> str:
@@ -223,6 +262,10 @@ class _Report:
     def label(self, metric: str) -> str:
         if metric not in LABELS and ROBUST.fullmatch(metric):
             return "acc, {} {}".format(*ROBUST.fullmatch(metric).groups())
+        if STEPS_TO.fullmatch(metric):
+            return f"steps to val acc ≥ {STEPS_TO.fullmatch(metric).group(1)}"
+        if GAP_AT.fullmatch(metric):
+            return f"train−val gap, epoch {GAP_AT.fullmatch(metric).group(1)}"
         return LABELS.get(metric, metric).format(threshold=self.threshold)
 
     def header(self) -> list[str]:
@@ -258,6 +301,12 @@ class _Report:
                     for key, members in self.configs.items()}
             plots.append(f"runs_{metric.replace('/', '_')}.png")
             plot_run_curves(runs, metric, sweep_dir / plots[-1], title=f"study: {self.spec['name']}")
+        for metric in self.spec.get("step_curves", []):  # every run's curve against optimizer steps
+            runs = {display_name(dict(key), self.names, short=True): [m["steps"].get(metric, {}) for m in members]
+                    for key, members in self.configs.items()}
+            plots.append(f"steps_{metric.replace('/', '_')}.png")
+            plot_run_curves(runs, metric, sweep_dir / plots[-1], title=f"study: {self.spec['name']}",
+                            x="optimizer step")
         plots = [p for p in plots if (sweep_dir / p).is_file()]
         return lines + ([""] + [f"![{p.removesuffix('.png').replace('_', ' ')}]({p})" for p in plots] if plots else [])
 

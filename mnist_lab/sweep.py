@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from mnist_lab.plots import plot_acc_vs_params, plot_heatmap, plot_robustness, plot_train_val_gap, plot_val_curves
-from mnist_lab.rundir import RunDir, read_epoch_metrics, write_text_atomic
+from mnist_lab.rundir import RunDir, read_epoch_metrics, read_step_metrics, write_text_atomic
 
 #: metrics.json values copied into summary.csv, in this order.
 METRICS = ("params_trainable", "test/acc", "test/loss", "test/precision_macro", "test/recall_macro",
@@ -44,7 +44,8 @@ def parse_override(text: str) -> tuple[str, str]:
 def collect(sweep_dir: str | Path) -> list[dict]:
     """One dict per job dir: ``job``, ``status``, ``factors`` (override -> value, without the keys
     Hydra's ``override_dirname`` excludes, e.g. ``sweep``), the :data:`METRICS`, ``error`` and
-    ``history`` (per-epoch metrics from ``metrics.csv``)."""
+    ``history`` (per-epoch metrics from ``metrics.csv``) and ``steps`` (every row by step: the
+    validations and the :class:`~mnist_lab.callbacks.Dynamics` records)."""
     sweep_dir = Path(sweep_dir)
     rows = []
     for job in sorted(p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")):  # a '/' in a value nests
@@ -64,6 +65,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
             "error": metrics.get("error", "" if metrics.get("status") != "incomplete"
                                  else "no metrics.json: the job was killed or is still running"),
             "history": read_epoch_metrics(run.history),
+            "steps": read_step_metrics(run.history),
             "robustness": json.loads(run.robustness.read_text())["accuracy"] if run.robustness.is_file() else {},
         })
     return rows

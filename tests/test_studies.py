@@ -9,6 +9,7 @@ import re
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import QUIET, run_module
 from omegaconf import OmegaConf
@@ -20,7 +21,8 @@ from mnist_lab.study import check_spec, compare, matches
 CONF = Path(__file__).resolve().parents[1] / "conf" / "study"
 FAST = ["trainer.max_epochs=2", "trainer.limit_train_batches=3",  # one-cycle needs >= 3 steps per epoch
         "plots=false", *QUIET]
-CELL = re.compile(r"^([-\d.,]+)(?: ± ([\d.]+) \((\d+)\))?")
+CELL = re.compile(r"^([-\d.,e+]+)(?: ± ([-\d.e+]+) \((\d+)\))?")
+STUDIES = sorted(p.stem for p in CONF.glob("*.yaml"))
 
 
 def hand_values(job: Path, metric: str, threshold: float) -> float | None:
@@ -36,6 +38,26 @@ def hand_values(job: Path, metric: str, threshold: float) -> float | None:
         return next((i + 1 for i, r in enumerate(epochs) if float(r["val/acc"]) >= threshold), None)
     if metric == "robustness/noise_0.3":
         return json.loads((job / "robustness.json").read_text())["accuracy"]["noise"]["0.3"]
+    with open(job / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    if metric.startswith("steps_to_val_acc_"):
+        t = float(metric.rsplit("_", 1)[1])
+        return next((int(r["step"]) + 1 for r in rows if r.get("val/acc") and float(r["val/acc"]) >= t), None)
+    if metric == "val_loss_auc":
+        steps, losses = zip(*[(int(r["step"]), float(r["val/loss"])) for r in rows if r.get("val/loss")])
+        return float(np.trapezoid(losses, steps)) / (steps[-1] - steps[0])
+    if metric.endswith("grad_norm"):
+        norms = [float(r["dynamics/grad_norm"]) for r in rows if r.get("dynamics/grad_norm")]
+        return max(norms) if metric == "max_grad_norm" else statistics.fmean(norms[-max(1, len(norms) // 10):])
+    if metric.startswith("gap_epoch_"):
+        epoch = str(int(metric.rsplit("_", 1)[1]) - 1)
+        train = [float(r["train/acc"]) for r in rows if r.get("train/acc") and r["epoch"] == epoch]
+        val = [float(r["val/acc"]) for r in rows if r.get("val/acc") and r["epoch"] == epoch]
+        return train[-1] - val[-1] if train and val else None
+    if metric.startswith("update_ratio_"):  # conv2 and conv2_bn: the first conv and the output Linear
+        heads = sorted((c for c in rows[0] if c.startswith("update_ratio/head.")), key=lambda c: int(c.rsplit(".")[-1]))
+        column = "update_ratio/backbone.0" if metric == "update_ratio_first" else heads[-1]
+        return statistics.fmean(float(r[column]) for r in rows if r.get(column))
     return metrics.get(metric)
 
 
@@ -74,10 +96,12 @@ def test_a_selector_matches_overrides_as_written_in_yaml():
     assert not matches(factors, {"model.batchnorm": "false"})
 
 
-@pytest.mark.parametrize("name", ["depth", "augmentation", "dropout_placement", "batchnorm", "small_cnn"])
+@pytest.mark.parametrize("name", STUDIES)
 def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name, synthetic_root, tmp_path):
     sweep = tmp_path / "study"
-    extra = ["eval.max_images=100"] if name == "augmentation" else []
+    extra = {"augmentation": ["eval.max_images=100"],  # validations and records within 3 steps an epoch:
+             "dynamics": ["trainer.max_epochs=5", "trainer.val_check_interval=1", "callbacks.dynamics.every_n_steps=2"],
+             }.get(name, [])
     proc = run_module("mnist_lab.train", [f"+study={name}", *FAST, *extra, f"hydra.sweep.dir={sweep}"],
                       synthetic_root, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -101,7 +125,8 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
 
     report = (sweep / "report.md").read_text()
     assert spec.question.split()[0] in report and "**Cut to fit the time budget.**" in report
-    for png in [*spec.plots, *(f"runs_{m.replace('/', '_')}.png" for m in spec.get("run_curves", []))]:
+    for png in [*spec.plots, *(f"runs_{m.replace('/', '_')}.png" for m in spec.get("run_curves", [])),
+                *(f"steps_{m.replace('/', '_')}.png" for m in spec.get("step_curves", []))]:
         assert f"]({png})" in report and (sweep / png).stat().st_size > 10_000
     table = {}
     for line in report.split("## Results")[1].split("## Comparisons")[0].splitlines():
@@ -123,14 +148,17 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
             values = [v for v in (hand_values(j, column, threshold) for j in members(config)) if v is not None]
             cell = table[label][column]
             if not values:
-                assert cell == ("–, 0/3 reached" if column == "epochs_to_threshold" else "–")
+                counted = column == "epochs_to_threshold" or column.startswith("steps_to")
+                assert cell == ("–, 0/3 reached" if counted else "–")
                 continue
             mean, std, n = CELL.match(cell).groups()
             digits = {"params_trainable": 0, "train_seconds": 1, "epochs_to_threshold": 1}.get(column, 4)
-            tol = 0.5 * 10 ** -digits + 1e-9
-            assert float(mean.replace(",", "")) == pytest.approx(statistics.fmean(values), abs=tol), (label, column)
+            digits = 1 if column.startswith("steps_to") else digits
+            tol = {"abs": 0.5 * 10 ** -digits + 1e-9} if not column.startswith("update_ratio") else {"rel": 6e-3}
+            assert float(mean.replace(",", "")) == pytest.approx(statistics.fmean(values), **tol), (label, column)
             if column != "params_trainable":
-                assert float(std) == pytest.approx(statistics.stdev(values), abs=tol) and int(n) == len(values)
+                std_by_hand = statistics.stdev(values) if len(values) > 1 else 0.0
+                assert float(std) == pytest.approx(std_by_hand, **tol) and int(n) == len(values)
             checked += 1
         # the headline value of each run, by seed
         headline = spec.comparisons[0].metric
@@ -140,7 +168,7 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
         for text, seed in zip(listed, ("0", "1", "2"), strict=True):
             if text != "–":
                 assert float(text.replace(",", "")) == pytest.approx(by_seed[seed], abs=0.05 if headline in (
-                    "train_seconds", "epochs_to_threshold") else 5e-5)
+                    "train_seconds", "epochs_to_threshold") or headline.startswith("steps_to") else 5e-5)
     assert checked >= len(configs) * (len(spec.columns) - 1)
 
     # the comparisons: difference, 95 % CI, Welch's / one-sample t, df, p, as computed by hand
@@ -160,7 +188,8 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
                  if v is not None]
             flat = statistics.variance(a) == 0 and statistics.variance(b) == 0
             want = {"diff": statistics.fmean(a) - statistics.fmean(b), "p": math.nan} if flat else welch_by_hand(a, b)
-        digits = 0.05 if comparison.metric == "epochs_to_threshold" else 5e-5
+        digits = 0.05 if comparison.metric == "epochs_to_threshold" or comparison.metric.startswith("steps_to") \
+            else 5e-5
         assert float(cells[3]) == pytest.approx(want["diff"], abs=digits)
         if math.isnan(want["p"]):
             assert cells[5:8] == ["–", "–", "–"] and cells[9] == "no"
