@@ -50,7 +50,8 @@ def test_improved_notebook_compares_four_runs_and_their_robustness(quick):
     rows = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[2:]]
     assert rows == ["conv2", "conv2_bn", "conv2 +aug", "conv2_bn +aug"]
     assert "| conv2_bn | 225,482 |" in table
-    assert len(outputs(nb, "image/png")) == 2  # robustness side by side, val curves
+    assert len(outputs(nb, "image/png")) == 4  # robustness side by side, val curves, two runs' dynamics.png
+    assert len(list((quick / "outputs" / "notebooks" / "02_improved").glob("*/dynamics.png"))) == 4
 
 
 def test_results_notebook_reads_the_committed_frontier_and_a_sweep(quick, synthetic_root, monkeypatch):
