@@ -122,12 +122,13 @@ def _digits(images: torch.Tensor, titles: list[str], path: str | Path, title: st
 # "factors", "n", (mean, std) pairs per metric, "gap" and "curves".
 def plot_acc_vs_params(groups: list[dict], path: str | Path, title: str = "",
                        reference: list[tuple[float, float]] | None = None, front: list[dict] | None = None,
-                       x: str = "params_trainable") -> Path:
+                       x: str = "params_trainable", records: list[dict] | None = None) -> Path:
     """``acc_vs_params.png``: mean test accuracy vs trainable parameters (``x="flops_per_image"``: vs
     forward FLOPs per image, ``acc_vs_flops.png``), log x, error bars = std over seeds, one labelled
     point per configuration, one marker per ``architecture`` (the network's class); ``reference``
     ``(x, accuracy)`` points (e.g. published results) are drawn as crosses, and ``front`` (the
-    Pareto-front configurations) as a dashed line."""
+    Pareto-front configurations) as a dashed line; ``records`` (``{"label", "x", "mean", "std"}``: presets
+    trained with their own recipes, e.g. the record presets) as stars."""
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
     markers = dict(zip(dict.fromkeys(g.get("architecture") or "" for g in groups), "osD^vP*hX"))
@@ -141,6 +142,11 @@ def plot_acc_vs_params(groups: list[dict], path: str | Path, title: str = "",
                 label="Pareto front")
     if reference:
         ax.plot(*zip(*reference), "kx", ms=8, label="published")
+    for r in records or []:
+        ax.errorbar(r["x"], r["mean"], yerr=r["std"], fmt="*", ms=11, color="crimson", capsize=3,
+                    label="record presets (own recipes)")
+        ax.annotate(r["label"], (r["x"], r["mean"]), textcoords="offset points", xytext=(6, -10), fontsize=7,
+                    color="crimson")
     handles, labels = ax.get_legend_handles_labels()
     if labels:
         unique = dict(zip(labels, handles))
