@@ -76,36 +76,30 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def read_epoch_metrics(metrics_csv: str | Path) -> dict[str, dict[int, float]]:
-    """Read Lightning's ``CSVLogger`` file into ``{metric: {epoch: value}}`` (epoch-level rows only);
-    ``{}`` when there is no file (a run that logged nothing, e.g. ``trainer.max_epochs=0``)."""
-    series: dict[str, dict[int, float]] = defaultdict(dict)
-    if not Path(metrics_csv).is_file():
-        return {}
-    with open(metrics_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            if not row.get("epoch"):
-                continue
-            epoch = int(float(row["epoch"]))
-            for key, value in row.items():
-                if key not in ("epoch", "step") and value not in ("", None):
-                    series[key][epoch] = float(value)
-    return dict(series)
+    """Read Lightning's ``CSVLogger`` file into ``{metric: {epoch: value}}`` (epoch-level rows only; a
+    metric logged several times an epoch keeps its last value); ``{}`` when there is no file (a run that
+    logged nothing, e.g. ``trainer.max_epochs=0``)."""
+    return _series(metrics_csv, "epoch")
 
 
 def read_step_metrics(metrics_csv: str | Path) -> dict[str, dict[int, float]]:
     """Read ``metrics.csv`` into ``{metric: {step: value}}``, every row (``step``: the 0-based index of the
     last optimizer step the value covers, as Lightning writes it); ``{}`` when there is no file."""
+    return _series(metrics_csv, "step")
+
+
+def _series(metrics_csv: str | Path, by: str) -> dict[str, dict[int, float]]:
     series: dict[str, dict[int, float]] = defaultdict(dict)
     if not Path(metrics_csv).is_file():
         return {}
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
-            if row.get("step") in ("", None):
+            if row.get(by) in ("", None):
                 continue
-            step = int(float(row["step"]))
+            index = int(float(row[by]))
             for key, value in row.items():
                 if key not in ("epoch", "step") and value not in ("", None):
-                    series[key][step] = float(value)
+                    series[key][index] = float(value)
     return dict(series)
 
 
