@@ -95,7 +95,8 @@ class Dynamics(L.Callback):
     TensorBoard) at that ``step``:
 
     - ``dynamics/train_loss``, ``dynamics/train_acc``: the training loss and top-1 accuracy over the
-      mini-batches since the last record (or the epoch's start), from the module's running sums;
+      mini-batches since the last record (or the epoch's start), from the module's running sums
+      (``Classifier.train_sums``);
     - ``dynamics/grad_norm``: the global L2 norm of the gradient of the step (before clipping);
     - per parameterised layer of the network (a module with parameters of its own, e.g.
       ``backbone.0``; weight and bias together): ``grad_norm/<layer>``, ``weight_norm/<layer>`` (before the
@@ -114,7 +115,8 @@ class Dynamics(L.Callback):
         every_n_steps: optimizer steps between records; None turns the callback off (the default config).
 
     Raises:
-        ConfigError: ``every_n_steps`` not a positive integer.
+        ConfigError: ``every_n_steps`` not a positive integer; at ``fit``, a LightningModule without the
+            running sums ``train_sums`` of :class:`~mnist_lab.module.Classifier`.
     """
 
     def __init__(self, every_n_steps: int | None = None):
@@ -126,7 +128,14 @@ class Dynamics(L.Callback):
         self._before: dict | None = None
         self._sums_at_last_record: torch.Tensor | None = None
 
-    def _layers(self, pl_module: L.LightningModule) -> dict[str, list[torch.Tensor]]:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.every_n_steps and stage == "fit" and not hasattr(pl_module, "train_sums"):
+            raise ConfigError(f"callbacks.dynamics reads the training loss and accuracy from a "
+                              f"mnist_lab.module.Classifier's train_sums, which {type(pl_module).__name__} lacks: "
+                              "train through Classifier, or set callbacks.dynamics.every_n_steps=null")
+
+    @staticmethod
+    def _layers(pl_module: L.LightningModule) -> dict[str, list[torch.Tensor]]:
         net = getattr(pl_module, "net", pl_module)
         return {name: list(m.parameters(recurse=False)) for name, m in net.named_modules()
                 if any(p.requires_grad for p in m.parameters(recurse=False))}
@@ -142,6 +151,7 @@ class Dynamics(L.Callback):
         self._before = {
             "grad": torch.nn.utils.get_total_norm([g for gs in grads.values() for g in gs]),
             "grads": torch.stack([torch.nn.utils.get_total_norm(gs) for gs in grads.values()]),
+            "layers": layers,
             "weights": {n: [p.detach().clone() for p in ps] for n, ps in layers.items()},
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
         }
@@ -151,11 +161,11 @@ class Dynamics(L.Callback):
         if self._before is None or trainer.global_step % self.every_n_steps:
             return
         before, self._before = self._before, None
-        layers = self._layers(pl_module)
+        layers = before["layers"]  # the same parameter tensors, updated in place by the step
         w_norm = torch.stack([torch.nn.utils.get_total_norm(ws) for ws in before["weights"].values()])
         deltas = torch.stack([torch.nn.utils.get_total_norm([p.detach() - w for p, w in zip(layers[n], ws)])
                               for n, ws in before["weights"].items()])
-        sums = pl_module._train_sums
+        sums = pl_module.train_sums
         window = sums - self._sums_at_last_record if self._sums_at_last_record is not None else sums
         self._sums_at_last_record = sums.clone()
         values = torch.cat([window[:1] / window[2], window[1:2] / window[2], before["grad"].reshape(1),

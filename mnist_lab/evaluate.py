@@ -28,7 +28,7 @@ from mnist_lab.rundir import given_checkpoints, write_json
 from mnist_lab.transforms import shift_pixels, to_unit
 
 #: the views of test-time augmentation: the image and its 1-pixel shifts (dx, dy) in the four directions.
-#: Shifts only: digits are not symmetric, so no flips.
+#: Shifts only: digits are not symmetric, so no flips. The first view is the image itself.
 TTA_SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
 
 
@@ -79,15 +79,15 @@ def evaluate_checkpoint(ckpt_path: str | Path, output_dir: str | Path, data_root
     return {"checkpoint": str(Path(ckpt_path).resolve()), **evaluate_model(model, datamodule, output_dir, **suite)}
 
 
-def predict_proba(model: Classifier, datamodule: MNISTDataModule, images: torch.Tensor, labels: torch.Tensor,
+def predict_views(model: Classifier, datamodule: MNISTDataModule, images: torch.Tensor, labels: torch.Tensor,
                   trainer: L.Trainer | None = None, shifts=((0, 0),)) -> torch.Tensor:
-    """Softmax probabilities ``(N, num_classes)`` of ``model`` for a split's images, averaged over the
-    views ``shifts`` (pixel shifts ``(dx, dy)``, see :func:`~mnist_lab.transforms.shift_pixels`): with
-    :data:`TTA_SHIFTS`, test-time augmentation. Each view goes through ``Trainer.predict``."""
+    """Softmax probabilities ``(V, N, num_classes)`` of ``model`` for a split's images, one row per view of
+    ``shifts`` (``V`` pixel shifts ``(dx, dy)``, see :func:`~mnist_lab.transforms.shift_pixels`). Each view
+    goes through ``Trainer.predict`` once; their mean over ``V`` with :data:`TTA_SHIFTS` is test-time
+    augmentation."""
     trainer = trainer or eval_trainer()
-    views = [predict(model, datamodule.eval_batches(shift_pixels(images, dx, dy), labels), trainer).softmax(1)
-             for dx, dy in shifts]
-    return torch.stack(views).mean(0)
+    return torch.stack([predict(model, datamodule.eval_batches(shift_pixels(images, dx, dy), labels),
+                                trainer).softmax(1) for dx, dy in shifts])
 
 
 def evaluate_ensemble(ckpt_paths: list[str | Path], data_root: str | Path | None = None,
@@ -120,26 +120,30 @@ def evaluate_ensemble(ckpt_paths: list[str | Path], data_root: str | Path | None
     dm.setup("test")
     trainer = eval_trainer()
 
-    def probabilities(split: str, shifts) -> tuple[list[torch.Tensor], torch.Tensor]:
+    # every view once: the plain probabilities are view (0, 0), the first of TTA_SHIFTS
+    shifts = TTA_SHIFTS if tta else TTA_SHIFTS[:1]
+
+    def views(split: str) -> tuple[list[torch.Tensor], torch.Tensor]:  # per member (V, N, C); labels (N,)
         x, y = (t[:max_images] if max_images else t for t in dm.splits[split])
-        return [predict_proba(model, dm, x, y, trainer, shifts) for _, model, _ in members], y
+        return [predict_views(model, dm, x, y, trainer, shifts) for _, model, _ in members], y
 
     def scores(p: torch.Tensor, y: torch.Tensor, prefix: str = "test/", suffix: str = "") -> dict[str, float]:
         y = y.to(p.device)
         return {f"{prefix}acc{suffix}": float((p.argmax(1) == y).float().mean()),
                 f"{prefix}nll{suffix}": float(F.nll_loss(p.log(), y))}
 
-    probs, y = probabilities("test", ((0, 0),))
+    test, y = views("test")
+    probs = [v[0] for v in test]
     result = {"n_test": int(y.numel()), "ensemble": scores(torch.stack(probs).mean(0), y),
               "members": [{"checkpoint": str(path), "model": model.name, **scores(p, y)}
                           for (path, model, _), p in zip(members, probs)]}
     if tta:
-        probs_tta, _ = probabilities("test", TTA_SHIFTS)
+        probs_tta = [v.mean(0) for v in test]
         for member, p in zip(result["members"], probs_tta):
             member["test/acc_tta"] = scores(p, y)["test/acc"]
-        val, y_val = probabilities("val", ((0, 0),))
-        val_tta, _ = probabilities("val", TTA_SHIFTS)
-        plain, shifted = (scores(torch.stack(v).mean(0), y_val, "val/")["val/acc"] for v in (val, val_tta))
+        val, y_val = views("val")
+        plain, shifted = (scores(torch.stack(v).mean(0), y_val, "val/")["val/acc"]
+                          for v in ([v[0] for v in val], [v.mean(0) for v in val]))
         result["tta"] = {"shifts": [list(s) for s in TTA_SHIFTS], "val/acc": plain, "val/acc_tta": shifted,
                          **scores(torch.stack(probs_tta).mean(0), y, suffix="_tta"), "chosen": shifted > plain}
     return result

@@ -140,8 +140,8 @@ class Classifier(StepsPerExecution, L.LightningModule):
         self._compiled_forward = torch.compile(self.net.forward, mode=compile_mode) if compile else None
         # the training loss and top-1 accuracy of an epoch: three running sums on the device (loss x images,
         # correct, images), one small add per step: cheaper than a torchmetrics update (attribute writes,
-        # argmax bookkeeping), and the train split needs no more than sums
-        self._train_sums: torch.Tensor | None = None
+        # argmax bookkeeping), and the train split needs no more than sums. Public: callbacks.Dynamics reads it
+        self.train_sums: torch.Tensor | None = None
         self.val_metrics = eval_metrics(num_classes, "val/")
         self.test_metrics = eval_metrics(num_classes, "test/")
         self.example_input_array = torch.zeros(1, 1, 28, 28)  # one MNIST image: the model summary's FLOPs
@@ -198,7 +198,7 @@ class Classifier(StepsPerExecution, L.LightningModule):
             n = y.numel()
             step = torch.stack([loss.detach().float() * n, (logits.argmax(1) == y).sum().float(),
                                 torch.full((), float(n), device=y.device)])
-            self._train_sums = step if self._train_sums is None else self._train_sums + step
+            self.train_sums = step if self.train_sums is None else self.train_sums + step
         if self.hparams.log_train_steps:
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
         return loss
@@ -206,11 +206,11 @@ class Classifier(StepsPerExecution, L.LightningModule):
     def on_train_epoch_end(self) -> None:
         if not self.automatic_optimization:  # after validation, as Lightning does for ReduceLROnPlateau
             self.step_schedulers("epoch", plateau=True)
-        if self._train_sums is not None:  # the mean over images; ranks train equal shares: mean over ranks
-            loss_sum, correct, images = self._train_sums
+        if self.train_sums is not None:  # the mean over images; ranks train equal shares: mean over ranks
+            loss_sum, correct, images = self.train_sums
             self.log("train/loss", loss_sum / images, prog_bar=True, sync_dist=True)
             self.log("train/acc", correct / images, prog_bar=True, sync_dist=True)
-            self._train_sums = None
+            self.train_sums = None
 
     def _eval_step(self, batch, metrics: MetricCollection, prefix: str) -> torch.Tensor:
         loss, logits, y = self.model_step(batch)

@@ -82,6 +82,29 @@ def test_every_quantity_matches_a_hand_computation_for_sgd_steps(synthetic_root)
         Dynamics(every_n_steps=0)
 
 
+class PlainModule(L.LightningModule):  # a LightningModule that is not a Classifier: no train_sums
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_module_without_running_sums_is_refused_before_the_first_step(synthetic_root):
+    trainer = L.Trainer(max_steps=2, callbacks=[Dynamics(every_n_steps=1)], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    module = PlainModule()
+    before = module.net[1].weight.detach().clone()
+    with pytest.raises(ConfigError, match="PlainModule lacks: train through Classifier, or set callbacks.dynamics"):
+        trainer.fit(module, datamodule=MNISTDataModule(root=synthetic_root, batch_size=50))
+    assert torch.equal(module.net[1].weight, before)  # refused before any optimizer step
+
+
 def dynamics_rows(run) -> list[dict]:
     with open(run / "metrics.csv", newline="") as f:
         return [{k: v for k, v in row.items() if v and (k == "step" or "/" in k and not k.startswith(("val", "train")))}

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import mnist_lab.evaluate as evaluate_module
 from mnist_lab import Classifier, MNISTDataModule, load_config, train
 from mnist_lab.callbacks import EMA
 from mnist_lab.errors import ConfigError
-from mnist_lab.evaluate import TTA_SHIFTS, evaluate_ensemble
+from mnist_lab.evaluate import TTA_SHIFTS, evaluate_ensemble, predict
 from mnist_lab.models import count_parameters
 from mnist_lab.models.depthwise import DepthwiseNet
 from mnist_lab.transforms import shift_pixels, to_unit
@@ -90,12 +91,17 @@ def test_shift_pixels_moves_whole_pixels_and_fills_with_background():
     assert torch.equal(shift_pixels(x, 0, 0), x)
 
 
-def test_test_time_augmentation_averages_the_shifted_views_and_is_chosen_on_validation(synthetic_root, tmp_path):
+def test_test_time_augmentation_averages_the_shifted_views_and_is_chosen_on_validation(synthetic_root, tmp_path,
+                                                                                        monkeypatch):
     cfg = load_config(["model=fc", f"data.root={synthetic_root}", "trainer.max_epochs=1", "eval.full=false",
                        "trainer.limit_train_batches=3", *QUIET])
     train(cfg, tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
-    result = evaluate_ensemble([ckpt], data_root=synthetic_root, tta=True)["tta"]
+    calls = []
+    monkeypatch.setattr(evaluate_module, "predict", lambda *a: calls.append(1) or predict(*a))
+    everything = evaluate_ensemble([ckpt], data_root=synthetic_root, tta=True)
+    result = everything["tta"]
+    assert len(calls) == 2 * len(TTA_SHIFTS)  # each view of val and test predicted once, the plain one included
     dm = MNISTDataModule(root=synthetic_root)
     dm.setup()
     model = Classifier.load_from_checkpoint(ckpt).eval()
@@ -106,7 +112,8 @@ def test_test_time_augmentation_averages_the_shifted_views_and_is_chosen_on_vali
             p = torch.stack([model(to_unit(shift_pixels(x, dx, dy))).softmax(1) for dx, dy in shifts]).mean(0)
         return float((p.argmax(1) == y).float().mean()), float(F.nll_loss(p.log(), y))
 
-    assert len(TTA_SHIFTS) == 5 and (0, 0) in TTA_SHIFTS
+    assert len(TTA_SHIFTS) == 5 and TTA_SHIFTS[0] == (0, 0)
+    assert everything["ensemble"]["test/acc"] == pytest.approx(acc("test", [(0, 0)])[0], abs=1e-6)
     assert result["test/acc_tta"] == pytest.approx(acc("test", TTA_SHIFTS)[0], abs=1e-6)
     assert result["test/nll_tta"] == pytest.approx(acc("test", TTA_SHIFTS)[1], rel=1e-5)
     assert (result["val/acc"], result["val/acc_tta"]) == pytest.approx((acc("val", [(0, 0)])[0],
