@@ -16,7 +16,7 @@ from mnist_lab.callbacks import EMA
 from mnist_lab.errors import ConfigError
 from mnist_lab.evaluate import TTA_SHIFTS, evaluate_ensemble, predict
 from mnist_lab.models import count_parameters
-from mnist_lab.models.depthwise import DepthwiseNet
+from mnist_lab.models.depthwise import DepthwiseNet, SharedBlock
 from mnist_lab.transforms import shift_pixels, to_unit
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "plots=false"]
@@ -131,3 +131,29 @@ def test_depthwise_kernel_size_costs_k2_per_channel_by_hand():
     assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     with pytest.raises(ConfigError, match="model.kernel_size=4 must be odd"):
         DepthwiseNet(kernel_size=4)
+
+
+def test_depthwise_repeats_apply_one_set_of_convolutions_residually_by_hand():
+    # stem 9*8 + BN 16 = 88; block 8 -> 14, stride 2: 72 + 16 + 112 + 28 = 228; block 14 -> 14 applied 3
+    # times: its convolutions once (9*14 + 14*14 = 322) and two BatchNorms per application (3 * 56 = 168);
+    # Linear 14*10 + 10 = 150
+    torch.manual_seed(0)
+    net = DepthwiseNet(stem=8, widths=[14, 14], strides=[2, 1], repeats=[1, 3])
+    assert count_parameters(net) == 88 + 228 + 322 + 168 + 150
+    shared = next(m for m in net.modules() if isinstance(m, SharedBlock))
+    for bn in shared.modules():  # statistics and affines unlike the defaults, so each application differs
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+            bn.bias.data.uniform_(-0.5, 0.5)
+    net.eval()
+    x = torch.randn(2, 14, 14, 14)
+    expected = x
+    for bn_dw, bn_pw in shared.norms:
+        h = F.relu(bn_dw(F.conv2d(expected, shared.depthwise.weight, padding=1, groups=14)))
+        expected = expected + F.relu(bn_pw(F.conv2d(h, shared.pointwise.weight)))
+    torch.testing.assert_close(shared(x), expected)
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ConfigError, match=r"model.repeats=\[1, 2\] needs one count >= 1 per block"):
+        DepthwiseNet(widths=[8, 16], strides=[2, 1], repeats=[1, 2])  # 8 -> 16: cannot repeat
+    with pytest.raises(ConfigError, match="model.repeats"):
+        DepthwiseNet(widths=[16, 16], strides=[2, 2], repeats=[1, 2])  # stride 2: cannot repeat

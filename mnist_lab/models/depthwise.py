@@ -7,6 +7,12 @@ depthwise conv strided where ``strides`` says 2. Head: global average pool -> [D
 Convolutions have no bias (a BatchNorm follows each). A block costs ``k^2 c_in + c_in c_out`` weights
 instead of a full conv's ``k^2 c_in c_out``, which is what takes the family down to a few thousand
 parameters; a 5x5 depthwise kernel widens the receptive field for ``16 c_in`` more weights a block.
+
+``repeats`` buys depth without weights: a block repeated ``r`` times applies its two convolutions ``r``
+times, residually (``x <- x + block(x)``), each application with BatchNorms of its own (a weight-tied
+residual recurrence with step-specific normalisation, Liao & Poggio 2016, "Bridging the Gaps Between
+Residual Learning, Recurrent Neural Networks and Visual Cortex"): ``r`` applications cost the
+convolutions once and ``4 c`` BatchNorm parameters each.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mnist_lab.errors import ConfigError, check_rate
@@ -22,6 +29,24 @@ from mnist_lab.errors import ConfigError, check_rate
 def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out),
             nn.ReLU(inplace=True)]
+
+
+class SharedBlock(nn.Module):
+    """A depthwise-separable block of ``channels`` channels (stride 1) applied ``repeats`` times with the
+    same convolution weights, residually, with BatchNorms per application. Input and output: float
+    ``(B, channels, H, W)``."""
+
+    def __init__(self, channels: int, kernel_size: int, repeats: int):
+        super().__init__()
+        self.depthwise = nn.Conv2d(channels, channels, kernel_size, 1, kernel_size // 2, groups=channels, bias=False)
+        self.pointwise = nn.Conv2d(channels, channels, 1, bias=False)
+        self.norms = nn.ModuleList(nn.ModuleList([nn.BatchNorm2d(channels), nn.BatchNorm2d(channels)])
+                                   for _ in range(repeats))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for bn_depthwise, bn_pointwise in self.norms:
+            x = x + F.relu(bn_pointwise(self.pointwise(F.relu(bn_depthwise(self.depthwise(x))))))
+        return x
 
 
 class DepthwiseNet(nn.Module):
@@ -33,20 +58,25 @@ class DepthwiseNet(nn.Module):
         widths: output channels of each depthwise-separable block.
         strides: stride (1 or 2) of each block's depthwise conv, one entry per block.
         kernel_size: side of the depthwise kernels in pixels (odd; 3 as in MobileNet).
+        repeats: applications of each block's weights (default 1 each); a block with more than one
+            (:class:`SharedBlock`) keeps its input's channels and size, so needs width = its input
+            channels and stride 1.
         dropout: dropout rate before the linear head.
         in_channels, num_classes: input channels, classes.
         name: preset name, for reports.
 
     Raises:
         ConfigError: ``widths`` and ``strides`` of different lengths, a stride other than 1 or 2, an even
-            or non-positive ``kernel_size``, or a dropout rate outside [0, 1).
+            or non-positive ``kernel_size``, a dropout rate outside [0, 1), or ``repeats`` of another length,
+            below 1, or above 1 for a block that changes the channels or strides.
     """
 
     def __init__(self, stem: int = 16, widths: Sequence[int] = (32, 64, 64), strides: Sequence[int] = (2, 2, 1),
                  dropout: float = 0.0, in_channels: int = 1, num_classes: int = 10, name: str | None = None,
-                 kernel_size: int = 3):
+                 kernel_size: int = 3, repeats: Sequence[int] | None = None):
         super().__init__()
         widths, strides = list(widths), list(strides)
+        repeats = [1] * len(widths) if repeats is None else list(repeats)
         if len(widths) != len(strides) or any(s not in (1, 2) for s in strides):
             raise ConfigError(f"model.widths={widths} and model.strides={strides} need one stride (1 or 2) per "
                               "block, e.g. model.widths=[32,64] model.strides=[2,2]")
@@ -54,10 +84,20 @@ class DepthwiseNet(nn.Module):
             raise ConfigError(f"model.kernel_size={kernel_size} must be odd and positive (a centred kernel keeps "
                               "the image size at stride 1), e.g. model.kernel_size=5")
         dropout = check_rate("model.dropout", dropout)
+        inputs = [stem, *widths[:-1]]
+        if len(repeats) != len(widths) or any(
+                not isinstance(r, int) or r < 1 or (r > 1 and (s != 1 or c != w))
+                for r, s, c, w in zip(repeats, strides, inputs, widths)):
+            raise ConfigError(f"model.repeats={repeats} needs one count >= 1 per block of model.widths={widths}, and "
+                              "a block repeated more than once keeps its input's channels at stride 1, e.g. "
+                              "model.widths=[16,16] model.strides=[2,1] model.repeats=[1,3]")
         self.name = name or "depthwise"
         layers, c = _conv_bn(in_channels, stem, 3), stem
-        for width, stride in zip(widths, strides):
-            layers += _conv_bn(c, c, kernel_size, stride, groups=c) + _conv_bn(c, width, 1)
+        for width, stride, r in zip(widths, strides, repeats):
+            if r > 1:
+                layers.append(SharedBlock(c, kernel_size, r))
+            else:
+                layers += _conv_bn(c, c, kernel_size, stride, groups=c) + _conv_bn(c, width, 1)
             c = width
         self.backbone = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Sequential(*([nn.Dropout(dropout)] if dropout else []), nn.Linear(c, num_classes))
