@@ -107,8 +107,8 @@ class StepsPerExecution:
 
     def check_per_step_options(self) -> None:
         """Refuse ``K > 1`` beside an option that acts on every optimizer step (called from ``setup``)."""
-        k, per_step = self.hparams.steps_per_execution, _per_step(self.trainer)
-        if k != "auto" and k > 1 and per_step:
+        k = self.hparams.steps_per_execution
+        if k != "auto" and k > 1 and (per_step := _per_step(self.trainer)):  # auto: on_train_start asks once
             raise ConfigError(f"steps_per_execution={k} cannot run with {per_step}; use steps_per_execution=1 "
                               "(or auto)")
 
