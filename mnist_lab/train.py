@@ -18,6 +18,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import ClusterEnvironment
 from lightning.pytorch.callbacks import ProgressBar
@@ -191,7 +192,8 @@ def main(cfg: DictConfig) -> float | None:
         if multirun and (cfg.get("resume") or RunDir(out).config.is_file()):  # a job of a resumed sweep, or
             return resume_job(cfg, out)  # one a cluster requeued (its dir holds its run): it goes on
         if cfg.get("resume"):
-            others = [o for o in hc.overrides.task if o.lstrip("+~").split("=")[0] != "resume"]
+            others = [o.input_line for o in OverridesParser.create().parse_overrides(list(hc.overrides.task))
+                      if o.key_or_group != "resume"]
             if others:
                 raise ConfigError(f"resume={cfg.resume} continues the run with its own config.yaml; drop the "
                                   f"other overrides ({' '.join(others)}), or start a new run with them")
