@@ -51,8 +51,11 @@ def test_published_counts_and_two_family_counts_by_hand():
     # depthwise_5k (the tiny record): stem 9*8 + BN 16 = 88; a block c_in -> c_out costs 9 c_in + 2 c_in (BN)
     # + c_in c_out + 2 c_out (BN): 8->16 248, 16->24 608, 24->32 1,096, 32->48 1,984; Linear 48*10 + 10 = 490
     assert stated_parameters("depthwise_5k") == 88 + 248 + 608 + 1_096 + 1_984 + 490
-    # depthwise_1k (the micro record): stem 88; 8->8 168, 8->12 208, 12->14 328; Linear 14*10 + 10 = 150
+    # depthwise_1k (the first micro record): stem 88; 8->8 168, 8->12 208, 12->14 328; Linear 14*10 + 10 = 150
     assert stated_parameters("depthwise_1k") == 88 + 168 + 208 + 328 + 150
+    # depthwise_shared_1k (the micro record): stem 88; 8->14, stride 2: 72 + 16 + 112 + 28 = 228; 14 -> 14
+    # applied 3 times: convolutions 9*14 + 14*14 = 322 once, BatchNorms 3 * 4 * 14 = 168; Linear 150
+    assert stated_parameters("depthwise_shared_1k") == 88 + 228 + 322 + 168 + 150
 
 
 def test_flops_per_image_count_every_layer_by_hand():
