@@ -26,9 +26,12 @@ from torch import nn
 from mnist_lab.errors import ConfigError, check_rate
 
 
+def _conv(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False)  # a BatchNorm follows
+
+
 def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(c_out),
-            nn.ReLU(inplace=True)]
+    return [_conv(c_in, c_out, kernel, stride, groups), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
 class SharedBlock(nn.Module):
@@ -38,8 +41,8 @@ class SharedBlock(nn.Module):
 
     def __init__(self, channels: int, kernel_size: int, repeats: int):
         super().__init__()
-        self.depthwise = nn.Conv2d(channels, channels, kernel_size, 1, kernel_size // 2, groups=channels, bias=False)
-        self.pointwise = nn.Conv2d(channels, channels, 1, bias=False)
+        self.depthwise = _conv(channels, channels, kernel_size, groups=channels)
+        self.pointwise = _conv(channels, channels, 1)
         self.norms = nn.ModuleList(nn.ModuleList([nn.BatchNorm2d(channels), nn.BatchNorm2d(channels)])
                                    for _ in range(repeats))
 
