@@ -142,8 +142,8 @@ def evaluate_ensemble(ckpt_paths: list[str | Path], data_root: str | Path | None
         for member, p in zip(result["members"], probs_tta):
             member["test/acc_tta"] = scores(p, y)["test/acc"]
         val, y_val = views("val")
-        plain, shifted = (scores(torch.stack(v).mean(0), y_val, "val/")["val/acc"]
-                          for v in ([v[0] for v in val], [v.mean(0) for v in val]))
+        plain, shifted = (scores(torch.stack(members_p).mean(0), y_val, "val/")["val/acc"]
+                          for members_p in ([v[0] for v in val], [v.mean(0) for v in val]))
         result["tta"] = {"shifts": [list(s) for s in TTA_SHIFTS], "val/acc": plain, "val/acc_tta": shifted,
                          **scores(torch.stack(probs_tta).mean(0), y, suffix="_tta"), "chosen": shifted > plain}
     return result
