@@ -11,7 +11,9 @@ A checkpoint describes its model and data: ``Classifier.load_from_checkpoint(pat
 [0, 1] to logits, ``MNISTDataModule.load_from_checkpoint(path)`` is the data it was trained on. The
 whole CLI run, with its run dir: ``train(load_config(["model=conv2", "+aug=true"]))`` (and
 ``resume(run_dir)`` for a run that was killed); the evaluation suite (``Trainer.test``):
-``evaluate_model(model, dm)``; logits (``Trainer.predict``): ``mnist_lab.evaluate.predict(model, images)``.
+``evaluate_model(model, dm)``; logits (``Trainer.predict``): ``mnist_lab.evaluate.predict(model, images)``;
+a run's history: ``read_history(run.history)``; a sweep's jobs and configurations (pandas):
+``aggregate(collect(sweep_dir))`` or ``aggregate(read_summary("summary.csv"))``.
 """
 
 import importlib
@@ -21,11 +23,12 @@ from mnist_lab._version import __version__
 from mnist_lab.config import load_config
 from mnist_lab.data import MNISTDataModule
 from mnist_lab.errors import ConfigError, DataError, MnistLabError
-from mnist_lab.evaluation import EvaluationSuite
 from mnist_lab.metrics import calibration, error_analysis, fit_temperature
 from mnist_lab.models import ConvNet, build_model, count_parameters, list_presets, model_config
 from mnist_lab.module import Classifier
-from mnist_lab.rundir import RunDir
+from mnist_lab.results import aggregate, collect, read_summary
+from mnist_lab.rundir import RunDir, read_history
+from mnist_lab.suite import EvaluationSuite
 from mnist_lab.transforms import RandomAffineBatch, to_unit
 
 # evaluate and predict are also commands (python -m mnist_lab.evaluate / predict): importing them here
@@ -49,8 +52,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "__version__", "Classifier", "ConfigError", "ConvNet", "DataError", "EvaluationSuite", "MNISTDataModule",
-    "MnistLabError", "RandomAffineBatch", "RunDir", "build_model", "calibration", "count_parameters",
-    "error_analysis", "evaluate_checkpoint", "evaluate_model", "evaluate_robustness", "fit_temperature",
-    "list_presets", "load_checkpoint", "load_config", "model_config", "predict_files", "predict_logits",
-    "resume", "to_mnist_form", "to_unit", "train",
+    "MnistLabError", "RandomAffineBatch", "RunDir", "aggregate", "build_model", "calibration", "collect",
+    "count_parameters", "error_analysis", "evaluate_checkpoint", "evaluate_model", "evaluate_robustness",
+    "fit_temperature", "list_presets", "load_checkpoint", "load_config", "model_config", "predict_files",
+    "predict_logits", "read_history", "read_summary", "resume", "to_mnist_form", "to_unit", "train",
 ]

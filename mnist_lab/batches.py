@@ -2,8 +2,6 @@
 DataLoader workers (KellerJordan/airbench's on-device loader). Lightning accepts these iterables
 wherever a DataLoader goes; :class:`mnist_lab.data.MNISTDataModule` makes them."""
 
-from __future__ import annotations
-
 import itertools
 from collections.abc import Iterator
 

@@ -1,62 +1,19 @@
-"""The Lightning callbacks mnist_lab adds to a run: the run dir through Lightning's hooks
-(:class:`RunRecord`), exact resume (:class:`ResumeState`), a stop on divergence (:class:`DivergenceGuard`) and
-an exponential moving average of the weights (:class:`EMA`, Lightning's, tested as it is tested) and
-the learning dynamics every N optimizer steps (:class:`Dynamics`).
-The rest (checkpoints, early stopping, timing, progress) are Lightning's, in ``conf/callbacks/default.yaml``.
+"""The training callbacks mnist_lab adds to Lightning's: a stop on divergence (:class:`DivergenceGuard`),
+an exponential moving average of the weights (:class:`EMA`), the learning dynamics every N optimizer steps
+(:class:`Dynamics`) and a progress bar in mini-batches (:class:`ProgressBar`). The run dir's are in
+:mod:`mnist_lab.rundir`, exact resume's in :mod:`mnist_lab.resuming`, the plots' in :mod:`mnist_lab.plots`;
+the rest (checkpoints, early stopping, timing) are Lightning's, in ``conf/callbacks/default.yaml``.
 """
 
-from __future__ import annotations
-
 import math
-import os
-import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, Timer, TQDMProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.callbacks import EMAWeightAveraging, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from omegaconf import DictConfig, OmegaConf
 
-from mnist_lab.errors import ConfigError, RunInterrupted, TrainingDiverged
-from mnist_lab.models import count_parameters
-from mnist_lab.plots import plot_curves, plot_dynamics, plot_samples
-from mnist_lab.rundir import RunCSVLogger, RunDir, provenance, read_epoch_metrics, write_json, write_text_atomic
-
-
-class ResumeState(L.Callback):
-    """What a checkpoint needs, beyond Lightning's state, for a resumed run to continue exactly as the
-    uninterrupted run: the torch (CPU, CUDA), numpy and Python RNG states, so dropout masks after the
-    resume are the same (shuffling and augmentation have their own per-epoch generators); and a run
-    that early stopping had ended (killed while testing) trains no further epoch when resumed."""
-
-    def state_dict(self) -> dict:
-        # tensors, ints and tuples only: checkpoints stay loadable with torch.load(weights_only=True)
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        return {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
-            "python": random.getstate(),
-        }
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        torch.set_rng_state(state_dict["torch"])
-        if state_dict["cuda"] and torch.cuda.is_available() and len(state_dict["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state_dict["cuda"])
-        kind, keys, pos, has_gauss, gauss = state_dict["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        random.setstate(state_dict["python"])
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if any(isinstance(cb, EarlyStopping) and cb.stopped_epoch > 0 for cb in trainer.callbacks):
-            trainer.should_stop = True
+from mnist_lab.errors import ConfigError, TrainingDiverged
 
 
 class EMA(EMAWeightAveraging):
@@ -272,129 +229,3 @@ class ProgressBar(TQDMProgressBar):
                                                     or n == bar.total):
             bar.n = n
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # redraws
-
-
-class RunRecord(L.Callback):
-    """The run dir, written through Lightning's hooks (by rank 0):
-
-    - fit starts: ``config.yaml`` (the resolved ``config``) and ``samples.png``; a resumed run keeps its own;
-    - a checkpoint is restored (``resume=``): ``metrics.csv`` keeps its rows up to that epoch;
-    - an exception: ``metrics.json`` gets the ``status`` (``diverged``, ``interrupted`` with the resume
-      command, or ``failed``) and the error; for an interrupt, :attr:`interruption` is what to raise;
-    - the test ends: ``metrics.json`` (status ``completed``, every ``test/``, ``robustness/`` figure the
-      test logged, the best and last epochs' figures, parameters, FLOPs, timings, data and provenance),
-      ``curves.png`` (and ``dynamics.png`` with :class:`Dynamics` on), and the run's settings and results
-      in TensorBoard's HPARAMS tab.
-
-    Args:
-        config: the run's resolved config; ``config.run_dir`` is the run dir.
-        resuming: the run continues from a checkpoint of its own (its files are kept; a failure leaves its
-            earlier status as it was).
-    """
-
-    def __init__(self, config: DictConfig, resuming: bool = False):
-        self.config, self.resuming, self.run = config, resuming, RunDir(config.run_dir)
-        self.metrics: dict = {"status": "completed"}  # metrics.json, once the test has ended
-        self.interruption: RunInterrupted | None = None
-        self._recorded = False
-        self._train_seconds: float | None = None
-
-    @contextmanager
-    def recording(self) -> Iterator[RunRecord]:
-        """Around a whole run (lightning-hydra-template's ``task_wrapper``): an error before fit starts
-        (while objects are built) writes ``status: failed``; Lightning's answer to an interrupt
-        (``sys.exit(1)`` after Ctrl-C, ``SIGTERMException``) becomes the :class:`RunInterrupted` error,
-        and Lightning's refusal of a setting (``MisconfigurationException``) a :class:`ConfigError`."""
-        try:
-            yield self
-        except SystemExit:  # SIGTERMException is one
-            if self.interruption is None:
-                raise
-            raise self.interruption from None
-        except MisconfigurationException as e:
-            if not self._recorded and not self.resuming:
-                self._status("failed", e)
-            raise ConfigError(f"Lightning refuses these settings: {e}") from None
-        except Exception as e:
-            if not self._recorded and not self.resuming:
-                self._status("failed", e)
-            raise
-
-    def _status(self, status: str, error: BaseException | str, **extra) -> None:
-        self._recorded = True
-        if rank_zero_only.rank == 0:
-            self.run.write_status(status, error, **extra)
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or self.resuming:
-            return
-        write_text_atomic(self.run.config, OmegaConf.to_yaml(self.config, resolve=True))
-        if self.config.plots:
-            x, y = trainer.datamodule.splits["train"]
-            plot_samples(x[:25], y[:25], self.run.path / "samples.png", title="first 25 training digits")
-
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        if trainer.state.fn != TrainerFn.FITTING:  # Trainer.test restores the tested checkpoint too
-            return
-        for logger in trainer.loggers if trainer.is_global_zero else ():
-            if isinstance(logger, RunCSVLogger):
-                logger.keep_epochs(int(checkpoint["epoch"]))
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # read now: Trainer.test restores the tested checkpoint's callback states, the Timer's too
-        self._train_seconds = next(c for c in trainer.callbacks if isinstance(c, Timer)).time_elapsed("train")
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        last = self.run.checkpoint("last")
-        if isinstance(exception, TrainingDiverged):
-            self._status("diverged", exception, epoch=exception.epoch, step=exception.step, lr=exception.lr,
-                         last_good_checkpoint=os.path.relpath(last, self.run.path) if last.is_file() else None)
-        elif isinstance(exception, KeyboardInterrupt | SIGTERMException):
-            signal_name = "SIGTERM" if isinstance(exception, SIGTERMException) else "SIGINT"
-            sweep = self.run.path.parent  # a job of a sweep continues with the whole sweep
-            command = (f"python -m mnist_lab.train -m resume={sweep}" if (sweep / "multirun.yaml").is_file()
-                       else f"python -m mnist_lab.train resume={self.run.path}")
-            message = (f"stopped by {signal_name}. The last complete epoch is in {last}; continue with: {command}"
-                       if last.is_file() else
-                       f"stopped by {signal_name} before the first epoch ended, so there is no checkpoint to "
-                       f"resume from; start the run again (its settings: {self.run.config})")
-            self.interruption = RunInterrupted(message, signal_name)
-            self._status("interrupted", message, resume=command if last.is_file() else None)
-        elif not self.resuming:  # a failed resume leaves the run's earlier status as it was
-            self._status("failed", exception)
-        self._recorded = True
-
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        history = read_epoch_metrics(self.run.history)
-        val_loss = history.get("val/loss", {})
-        best, last = (min(val_loss, key=val_loss.get), max(val_loss)) if val_loss else (None, None)
-        seconds, epochs, net = self._train_seconds or 0.0, trainer.current_epoch, getattr(pl_module, "net", pl_module)
-        self.metrics = {
-            "status": "completed", "model": getattr(pl_module, "name", type(net).__name__),
-            "architecture": type(net).__name__,
-            **{k: float(v) for k, v in trainer.callback_metrics.items()
-               if k.startswith(("test/", "robustness/")) or k == "temperature"},
-            "best_epoch": best,
-            **{f"best_{k}": history[k].get(best) for k in ("val/loss", "val/acc", "val/f1_macro") if k in history},
-            **{f"last_{k}": history[k].get(last) for k in ("train/loss", "train/acc", "val/loss", "val/acc")
-               if k in history},
-            "params_trainable": count_parameters(net), "flops_per_image": pl_module.flops_per_image(),
-            "train_seconds": round(seconds, 3), "seconds_per_epoch": round(seconds / max(epochs, 1), 3),
-            "steps_per_execution": getattr(pl_module, "steps_per_execution", 1), "epochs": epochs,
-            "seed": self.config.seed, **trainer.datamodule.describe(),
-            "test_ckpt": os.path.relpath(trainer.ckpt_path, self.run.path) if trainer.ckpt_path else None,
-            "device": str(trainer.strategy.root_device), **provenance(trainer.strategy.root_device),
-            "run_dir": str(self.run.path),
-        }
-        write_json(self.run.metrics, self.metrics)
-        settings = {**pl_module.hparams, "data": trainer.datamodule.hparams, "seed": self.config.seed, "epochs": epochs}
-        results = {f"hparams/{k}": self.metrics[k] for k in ("best_val/acc", "test/acc") if k in self.metrics}
-        for logger in trainer.loggers:  # TensorBoard's HPARAMS tab: the run's settings against its results
-            if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(settings, results)
-        if self.config.plots and ("train/loss" in history or "val/loss" in history):
-            plot_curves(self.run.history, self.run.path / "curves.png", title=self.metrics["model"])
-        if self.config.plots and any(isinstance(cb, Dynamics) and cb.every_n_steps for cb in trainer.callbacks):
-            plot_dynamics(self.run.history, self.run.path / "dynamics.png", title=self.metrics["model"])

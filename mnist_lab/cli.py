@@ -1,8 +1,6 @@
 """``mnist-lab COMMAND [overrides]``: the console script, one subcommand per ``python -m mnist_lab.COMMAND``
 (``train``, ``evaluate``, ``predict``, ``export``), with the same overrides and exit codes."""
 
-from __future__ import annotations
-
 import importlib
 import sys
 

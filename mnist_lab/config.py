@@ -1,17 +1,12 @@
-"""Config helpers: compose the project's Hydra config without the CLI, and build its ``_target_``
-nodes with errors a user can act on.
-
-``load_config`` is what tests and notebooks use instead of ``@hydra.main``; the configs it reads
-hold no ``${hydra:...}`` interpolations, so they resolve outside a Hydra run.
-"""
-
-from __future__ import annotations
+"""Config helpers: compose the project's Hydra config without the CLI (tests, notebooks), name sweep
+job dirs, and build ``_target_`` nodes with errors a user can act on."""
 
 import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -19,9 +14,13 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mnist_lab.errors import ConfigError, MnistLabError
 
-# `${mnist_lab.if_resume:${resume},A,B}`: A when resume= is set, else B (conf/train.yaml's hydra run dir)
-OmegaConf.register_new_resolver("mnist_lab.if_resume", lambda resume, then, otherwise: then if resume else otherwise,
-                                replace=True)
+
+def parse_overrides(lines: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(key, value, line)`` per command-line override, read by Hydra's parser: the key without its
+    ``+``/``++``/``~``, the value as YAML writes it (``True`` -> ``"true"``), the override as written."""
+    parsed = OverridesParser.create().parse_overrides([str(line) for line in lines])
+    return [(o.key_or_group, str(v).lower() if isinstance(v := o.value(), bool) else str(v), o.input_line)
+            for o in parsed]
 
 
 def job_dir(num: int | None, overrides: Sequence[str], exclude: Sequence[str] = (), limit: int = 48) -> str:

@@ -1,8 +1,6 @@
 """What the commands print: Lightning's useful lines (devices, model summary, progress, why fit
 stopped) without its noise."""
 
-from __future__ import annotations
-
 import logging
 import warnings
 
@@ -16,13 +14,14 @@ class _DropNoise(logging.Filter):
 
 
 def quiet_lightning() -> None:
-    """Drop :data:`NOISE` from Lightning's log, the ``FutureWarning`` that Lightning's own code
-    (``lightning/pytorch/utilities/_pytree.py``) triggers in torch's pytree, and the warning about fewer
-    training batches than ``log_every_n_steps``. Idempotent."""
+    """Drop :data:`NOISE` from Lightning's log and three warnings that say nothing about the run:
+    torch's pytree ``FutureWarning`` that Lightning's own code triggers, fewer training batches than
+    ``log_every_n_steps`` (runs log per epoch), and the CSV logger's note on a run dir that already
+    holds files (it holds the run's config; a resumed run's rows are written back). Idempotent."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in log.filters):
             log.addFilter(_DropNoise())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
-    # runs log per epoch: a run with fewer batches than log_every_n_steps loses nothing
     warnings.filterwarnings("ignore", message=r".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")

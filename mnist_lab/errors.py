@@ -1,12 +1,9 @@
-"""Errors for bad user input. Each message names the problem and the fix.
+"""Errors for bad user input, each message naming the problem and the fix, and the checks that raise them.
 
-The command-line entry points catch :class:`MnistLabError` and print its message without a
-traceback; the exit code is the error's ``exit_code``: 2 for bad input (config, data, checkpoint
-files), 3 for a diverged run, 130/143 for a run stopped by SIGINT/SIGTERM. Library callers get an
-ordinary exception they can catch.
+The command-line entry points print a :class:`MnistLabError` as one ``error:`` line (no traceback) and
+exit with its ``exit_code``: 2 for bad input (config, data, checkpoint files), 3 for a diverged run,
+130/143 for a run stopped by SIGINT/SIGTERM. Library callers get an ordinary exception.
 """
-
-from __future__ import annotations
 
 import sys
 from typing import NoReturn
@@ -27,10 +24,8 @@ class DataError(MnistLabError, RuntimeError):
 
 
 class TrainingDiverged(MnistLabError, RuntimeError):
-    """The training loss became NaN or inf; training stopped before any bad checkpoint was written.
-
-    Attributes: ``epoch``, ``step`` (global step of the check that found it) and ``lr``.
-    """
+    """The training loss became NaN, inf or too large; no checkpoint of the bad weights was written.
+    Attributes: ``epoch``, ``step`` (global step of the check that found it) and ``lr``."""
 
     exit_code = 3
 
@@ -40,9 +35,7 @@ class TrainingDiverged(MnistLabError, RuntimeError):
 
 
 class RunInterrupted(MnistLabError, RuntimeError):
-    """A run was stopped by SIGINT (Ctrl-C) or SIGTERM; its last complete epoch is in
-    ``checkpoints/last.ckpt`` and ``resume=RUN_DIR`` continues it. ``exit_code``: 128 + the signal
-    number (130 for SIGINT, 143 for SIGTERM), the shell's convention."""
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM; ``exit_code`` is 128 + the signal number."""
 
     def __init__(self, message: str, signal_name: str):
         super().__init__(message)
@@ -51,19 +44,29 @@ class RunInterrupted(MnistLabError, RuntimeError):
 
 
 def check_rate(key: str, p: float) -> float:
-    """A probability of zeroing a unit (a dropout rate) checked to lie in [0, 1); returns it as a float.
-
-    Raises:
-        ConfigError: ``p`` outside [0, 1); the message names ``key`` (e.g. ``model.dropout``) and the fix.
-    """
+    """A dropout rate checked to lie in [0, 1), as a float. Raises ConfigError naming ``key`` and the fix."""
     if not 0.0 <= p < 1.0:
         raise ConfigError(f"{key}={p} is outside [0, 1): it is the probability of zeroing a unit; use e.g. "
                           f"{key}=0.25 (0 turns it off)")
     return float(p)
 
 
+def check_bool(key: str, value, fix: str = "") -> bool:
+    """``value`` checked to be true or false. Raises ConfigError naming ``key`` (``fix``: how to write it)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}{fix or f' (e.g. {key}=true)'}")
+    return value
+
+
+def check_list(key: str, value, example: str) -> list:
+    """``value`` checked to be a list (one entry per block or stage), returned as one.
+    Raises ConfigError naming ``key`` and an ``example`` of the right form."""
+    if isinstance(value, str) or not hasattr(value, "__iter__"):
+        raise ConfigError(f"{key}={value!r} must be a list, one entry per block, e.g. {example}")
+    return list(value)
+
+
 def exit_with(error: MnistLabError) -> NoReturn:
-    """The command-line answer to a :class:`MnistLabError`: ``error: <message>`` on stderr, no
-    traceback, and the process exits with the error's ``exit_code``."""
+    """Print ``error: <message>`` on stderr and exit with the error's ``exit_code``."""
     print(f"error: {error}", file=sys.stderr)
     sys.exit(error.exit_code)

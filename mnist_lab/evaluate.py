@@ -6,8 +6,6 @@ its data from a checkpoint alone and writes into the run dir (or ``output_dir=``
 checkpoints it reports each and their ensemble.
 """
 
-from __future__ import annotations
-
 import warnings
 from pathlib import Path
 
@@ -21,10 +19,10 @@ from torch.utils.data import DataLoader
 from mnist_lab.config import CONF_DIR
 from mnist_lab.console import quiet_lightning
 from mnist_lab.data import MNISTDataModule
-from mnist_lab.errors import ConfigError, MnistLabError, exit_with
-from mnist_lab.evaluation import EvaluationSuite
+from mnist_lab.errors import ConfigError, MnistLabError, check_bool, exit_with
 from mnist_lab.module import Classifier
 from mnist_lab.rundir import given_checkpoints, write_json
+from mnist_lab.suite import EvaluationSuite
 from mnist_lab.transforms import shift_pixels, to_unit
 
 #: the views of test-time augmentation: the image and its 1-pixel shifts (dx, dy) in the four directions.
@@ -43,7 +41,7 @@ def evaluate_model(model: Classifier, datamodule: MNISTDataModule, output_dir: s
                    **suite) -> dict:
     """Test metrics of a :class:`~mnist_lab.module.Classifier` on its datamodule's test split (set up or
     not) and, by default, the whole evaluation suite, through ``Trainer.test``. ``output_dir``: where the
-    suite writes its files (None: nowhere); ``suite``: :class:`~mnist_lab.evaluation.EvaluationSuite`'s
+    suite writes its files (None: nowhere); ``suite``: :class:`~mnist_lab.suite.EvaluationSuite`'s
     arguments (``full``, ``seed``, ``temperature``, ``max_images``, ``plots``, ``perturbations``).
 
     Returns:
@@ -192,6 +190,8 @@ def main(cfg: DictConfig) -> None:
     adds test-time augmentation, measured on validation and test (``tta.json``, ``ensemble.json``)."""
     quiet_lightning()
     try:
+        for key in ("tta", "temperature"):
+            check_bool(key, cfg[key])
         ckpts = given_checkpoints(cfg.ckpt_path, cfg.run_dir)
         out = Path(cfg.output_dir) if cfg.output_dir else (ckpts[0].parent.parent if len(ckpts) == 1 else None)
         if len(ckpts) > 1 or cfg.tta:

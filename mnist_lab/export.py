@@ -13,8 +13,6 @@ check needs ``onnxruntime``: ``pip install -e ".[export]"``. TorchScript is depr
 (``torch.jit``); ``pt2`` (``torch.export.save``) is its successor for Python consumers.
 """
 
-from __future__ import annotations
-
 import importlib.util
 import warnings
 from pathlib import Path

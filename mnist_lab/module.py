@@ -1,15 +1,12 @@
 """Classifier: the one LightningModule, wrapping any network that maps images to logits.
 
 Train, validation and test share ``model_step`` (cross-entropy on logits; training alone may smooth the
-labels). Metrics are accumulated
-on the device and logged once per epoch (no per-step ``self.log``, sync or ``.item()``):
-``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/{precision,recall,f1}_macro``
-(``test/`` for ``trainer.test``); ``log_train_steps=True`` adds the per-step ``train/loss_step``.
-Losses are means over images.
+labels). Metrics are accumulated on the device and logged once per epoch: ``train/loss``, ``train/acc``,
+``val/loss``, ``val/acc``, ``val/{precision,recall,f1}_macro`` (``test/`` for ``trainer.test``);
+``log_train_steps=True`` adds the per-step ``train/loss_step``. Losses are means over images.
 """
 
-from __future__ import annotations
-
+import os
 import pickle
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -36,13 +33,12 @@ if _CPU_ATTENTION not in flop_registry:  # torch's FLOP counter knows the GPU at
 
 
 def cache_gpu_absence() -> None:
-    """Remember, for this process, that there is no GPU. Lightning sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1``,
-    so ``torch.cuda.is_available()`` asks NVML (a ``dlopen``, ~0.3 ms) each time until CUDA is initialised,
-    which never happens on a machine without a GPU; and every optimizer step asks it (torch.optim's
-    CUDA-graph capture check). torch caches the device count itself once CUDA is initialised; this caches
-    the 0 (a no-op where a GPU or no CUDA build is found)."""
+    """On a machine without a GPU, let ``torch.cuda.is_available()`` answer from CUDA's runtime, which
+    caches the count, instead of NVML, which Lightning asks for (``PYTORCH_NVML_BASED_CUDA_CHECK=1``, so
+    that no fork is poisoned) and which loads a library at every call: torch.optim asks on every optimizer
+    step. Without a GPU there is no CUDA context to poison a fork. A no-op where a GPU is found."""
     if torch.backends.cuda.is_built() and torch.cuda.device_count() == 0:
-        torch.cuda._cached_device_count = 0
+        os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "0"
 
 
 def _plain(value):
@@ -59,63 +55,65 @@ def _is_data(value) -> bool:
     return value is None or isinstance(value, str | int | float | bool)
 
 
-class Classifier(StepsPerExecution, L.LightningModule):
-    """Image classifier: ``net`` gives logits, trained with cross-entropy.
-
-    Input of ``forward``: float ``(B, 1, 28, 28)`` images in [0, 1]; output: float logits
-    ``(B, num_classes)``. The images are normalised inside, ``(x - mean) / std``, with the buffers
-    ``mean`` and ``std`` (float32 scalars), which ``setup`` takes from the datamodule it is fitted on
-    (its ``mean`` and ``std`` attributes) and every checkpoint keeps. With configs for ``net``,
-    ``optimizer`` and ``scheduler`` (saved as hyper-parameters), a checkpoint describes the whole
-    model: ``Classifier.load_from_checkpoint(path).eval()`` maps images to logits, no datamodule and
-    no config file needed.
-
-    Args:
-        net: the network: a ``_target_`` config of an ``nn.Module`` class (``conf/model/*.yaml``, or
-            :func:`mnist_lab.models.model_config`), built here and saved in the checkpoint, so
-            ``load_from_checkpoint`` rebuilds it; or an ``nn.Module`` object (then pass an equal one to
-            ``load_from_checkpoint(path, net=...)``). It maps normalised ``(B, 1, 28, 28)`` to logits.
-        optimizer: a ``_target_`` config of a ``torch.optim.Optimizer`` class with ``_partial_: true``
-            (``conf/optimizer/*.yaml``), or a ``params -> Optimizer`` callable; default Adam, lr 1e-3
-            (the published protocol).
-        scheduler: Lightning's LR-scheduler dict, ``{"scheduler": <partial config or callable
-            optimizer -> scheduler>, "interval": "epoch" | "step", "monitor": "val/loss"}``
-            (``conf/scheduler/*.yaml``); a one-cycle schedule without ``total_steps`` is sized to the run.
-        num_classes: number of classes (10).
-        channels_last: keep conv weights and input batches in NHWC memory format.
-        compile: run the network through ``torch.compile`` (its bound ``forward``, so checkpoints keep
-            the plain ``net.*`` keys); the first steps pay the compile time.
-        compile_mode: ``torch.compile`` mode: ``default``, ``reduce-overhead`` (CUDA graphs), ``max-autotune``.
-        log_train_steps: also log the batch loss as ``train/loss_step``; Lightning writes it every
-            ``trainer.log_every_n_steps`` steps. Off by default: a ``self.log`` on every step costs
-            a good part of a small net's step (docs/speed.md).
-        steps_per_execution: mini-batches per Lightning training step, each an optimizer step, or
-            ``"auto"`` (:mod:`mnist_lab.steps`): the same training, Lightning's per-step cost paid once per group.
-        label_smoothing: the training loss's target puts ``1 - label_smoothing`` on the label and spreads
-            ``label_smoothing`` evenly over all classes (Szegedy et al. 2016; ``F.cross_entropy``'s
-            ``label_smoothing``). ``train/loss`` is that loss; ``val/loss`` and ``test/loss``, which pick
-            and report checkpoints, stay the plain cross-entropy.
+def check_checkpoint(path: str | Path) -> None:
+    """Refuse, in one line, a file that is not a safe, whole mnist_lab checkpoint, before Lightning builds
+    anything from it: its network config may name only an ``nn.Module`` class.
 
     Raises:
-        ConfigError: a ``_target_`` that is not an ``nn.Module`` / optimizer / scheduler class (a config
-            from a checkpoint builds nothing else), bad values for the network, or ``steps_per_execution``
-            neither ``"auto"`` nor a positive integer (others when training starts: :mod:`mnist_lab.steps`),
+        ConfigError: missing, would run code when loaded, not a (Lightning) checkpoint, no network config
+            (not mnist_lab's, or mnist_lab 0.1's, which did not describe its network).
+    """
+    ckpt = read_checkpoint(path)
+    hp = ckpt.get("hyper_parameters") or {}
+    if "net_config" in hp:
+        raise ConfigError(f"{path} was written by mnist_lab 0.1, whose checkpoints do not describe their network; "
+                          "retrain it with this version (the same command)")
+    if not isinstance(hp.get("net"), dict):
+        raise ConfigError(f"{path} is not an mnist_lab checkpoint (no network config); give a .ckpt file written by "
+                          "mnist_lab.train or Trainer.save_checkpoint")
+    check_targets(hp["net"], nn.Module, "model")
+    if "pytorch-lightning_version" not in ckpt or "state_dict" not in ckpt:
+        raise ConfigError(f"{path} is not a Lightning checkpoint (no pytorch-lightning_version or state_dict); give "
+                          "a .ckpt file written by mnist_lab.train")
+
+
+class Classifier(StepsPerExecution, L.LightningModule):
+    """Image classifier: ``net`` gives logits, trained with cross-entropy. ``forward``: float images in
+    [0, 1] ``(B, 1, 28, 28)`` -> float logits ``(B, num_classes)``, normalised inside, ``(x - mean) / std``,
+    with the float32 scalar buffers ``mean`` and ``std`` that ``setup`` takes from the datamodule it is fitted
+    on and every checkpoint keeps. With configs for ``net``, ``optimizer`` and ``scheduler`` (saved as
+    hyper-parameters) a checkpoint describes the whole model: ``Classifier.load_from_checkpoint(path)``.
+
+    Args:
+        net: a ``_target_`` config of an ``nn.Module`` class (``conf/model/*.yaml``,
+            :func:`mnist_lab.models.model_config`), built here and saved; or an ``nn.Module`` object (then
+            pass an equal one to ``load_from_checkpoint(path, net=...)``). Normalised images -> logits.
+        optimizer: a ``_target_`` config of a ``torch.optim.Optimizer`` class with ``_partial_: true``, or a
+            ``params -> Optimizer`` callable; default Adam, lr 1e-3 (the published protocol).
+        scheduler: Lightning's LR-scheduler dict, ``{"scheduler": <partial config or callable>, "interval":
+            "epoch" | "step", "monitor": "val/loss"}``; a one-cycle schedule without ``total_steps`` is sized
+            to the run.
+        num_classes: classes (the data's ``num_classes``).
+        channels_last: keep conv weights and input batches in NHWC memory format.
+        compile, compile_mode: run the network's bound ``forward`` through ``torch.compile`` (checkpoints keep
+            the plain ``net.*`` keys); ``default``, ``reduce-overhead`` (CUDA graphs) or ``max-autotune``.
+        log_train_steps: also log the batch loss as ``train/loss_step`` every ``trainer.log_every_n_steps``
+            steps (not free for a small net: docs/speed.md).
+        steps_per_execution: mini-batches per Lightning training step, or ``"auto"`` (:mod:`mnist_lab.steps`).
+        label_smoothing: the training target puts ``1 - label_smoothing`` on the label and spreads
+            ``label_smoothing`` over all classes (Szegedy et al. 2016); ``val/loss`` and ``test/loss`` stay
+            the plain cross-entropy.
+
+    Raises:
+        ConfigError: a ``_target_`` that is not an ``nn.Module`` / optimizer / scheduler class, bad values for
+            the network, ``steps_per_execution`` neither ``"auto"`` nor a positive integer,
             ``label_smoothing`` outside [0, 1).
     """
 
-    def __init__(
-        self,
-        net: Mapping | nn.Module,
-        optimizer: Mapping | Callable[..., torch.optim.Optimizer] | None = None,
-        scheduler: Mapping | None = None,
-        num_classes: int = 10,
-        channels_last: bool = False,
-        compile: bool = False,
-        compile_mode: str = "default",
-        log_train_steps: bool = False,
-        steps_per_execution: int | str = "auto",
-        label_smoothing: float = 0.0,
-    ):
+    def __init__(self, net: Mapping | nn.Module, optimizer: Mapping | Callable | None = None,
+                 scheduler: Mapping | None = None, num_classes: int = 10, channels_last: bool = False,
+                 compile: bool = False, compile_mode: str = "default", log_train_steps: bool = False,
+                 steps_per_execution: int | str = "auto", label_smoothing: float = 0.0):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"module.label_smoothing={label_smoothing} is outside [0, 1): it is the share of the "
@@ -124,8 +122,7 @@ class Classifier(StepsPerExecution, L.LightningModule):
         # configs are saved, objects are not: a checkpoint must load with weights_only=True
         self.save_hyperparameters(ignore=[name for name, value in (("net", net), ("optimizer", optimizer),
                                                                    ("scheduler", scheduler)) if not _is_data(value)])
-        if isinstance(net, Mapping):
-            net = build(net, "model", base=nn.Module)
+        net = build(net, "model", base=nn.Module) if isinstance(net, Mapping) else net
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         if isinstance(optimizer, Mapping):
             optimizer = build(optimizer, "optimizer", base=torch.optim.Optimizer)
@@ -138,12 +135,10 @@ class Classifier(StepsPerExecution, L.LightningModule):
         self.register_buffer("std", torch.tensor(1.0))
         # a compiled bound method is a plain function: not a submodule, so no extra state_dict keys
         self._compiled_forward = torch.compile(self.net.forward, mode=compile_mode) if compile else None
-        # the training loss and top-1 accuracy of an epoch: three running sums on the device (loss x images,
-        # correct, images), one small add per step: cheaper than a torchmetrics update (attribute writes,
-        # argmax bookkeeping), and the train split needs no more than sums. Public: callbacks.Dynamics reads it
+        # the epoch's training loss x images, correct and images: running sums on the device, one small add a
+        # step (cheaper than a torchmetrics update). Public: callbacks.Dynamics reads them
         self.train_sums: torch.Tensor | None = None
-        self.val_metrics = eval_metrics(num_classes, "val/")
-        self.test_metrics = eval_metrics(num_classes, "test/")
+        self.val_metrics, self.test_metrics = eval_metrics(num_classes, "val/"), eval_metrics(num_classes, "test/")
         self.example_input_array = torch.zeros(1, 1, 28, 28)  # one MNIST image: the model summary's FLOPs
 
     @property
@@ -152,10 +147,9 @@ class Classifier(StepsPerExecution, L.LightningModule):
         return getattr(self.net, "name", type(self.net).__name__)
 
     def flops_per_image(self) -> int:
-        """Floating-point operations of one forward pass on one 28x28 image (torch's ``FlopCounterMode``,
-        which counts a multiply-add as 2 FLOPs; convolutions, matrix products and attention only).
-        Counted with gradients on, so that a transformer layer takes its plain path: its fused inference
-        path is invisible to the counter (Lightning's model summary, counted without, shows less)."""
+        """Floating-point operations of one forward pass on one 28x28 image (torch's ``FlopCounterMode``: a
+        multiply-add is 2; convolutions, matrix products and attention). Counted with gradients on, so that
+        a transformer layer takes its plain path, which the counter sees."""
         counter, training = FlopCounterMode(display=False), self.training
         with torch.enable_grad(), counter:
             self.eval()(self.example_input_array.to(self.device))
@@ -163,16 +157,15 @@ class Classifier(StepsPerExecution, L.LightningModule):
         return counter.get_total_flops()
 
     def setup(self, stage: str) -> None:
-        """Take the normalisation statistics of the datamodule being fitted (a resumed run then
-        restores the same values from its checkpoint); refuse ``steps_per_execution`` beside options it
-        cannot run with (:mod:`mnist_lab.steps`); :func:`cache_gpu_absence`."""
+        """For fit: refuse ``steps_per_execution`` beside options it cannot run with, :func:`cache_gpu_absence`,
+        and take the fitted datamodule's normalisation statistics (a resumed run restores the same)."""
         dm = self.trainer.datamodule
         if stage == "fit":
             self.check_per_step_options()
             cache_gpu_absence()
-        if stage == "fit" and getattr(dm, "mean", None) is not None:
-            self.mean.fill_(dm.mean)
-            self.std.fill_(dm.std)
+            if getattr(dm, "mean", None) is not None:
+                self.mean.fill_(dm.mean)
+                self.std.fill_(dm.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1], float ``(B, 1, 28, 28)`` -> logits ``(B, num_classes)``."""
@@ -188,13 +181,14 @@ class Classifier(StepsPerExecution, L.LightningModule):
         return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits, y
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        """One mini-batch ``(images, labels)`` -> its mean loss; with ``steps_per_execution > 1`` a
-        list of them -> their losses ``(K,)``, each mini-batch an optimizer step."""
-        return self._train_loss(batch) if self.automatic_optimization else self.train_group(batch, self._train_loss)
+        """One mini-batch ``(images, labels)`` -> its mean loss; with ``steps_per_execution > 1`` a list of
+        them -> their losses ``(K,)``, each mini-batch an optimizer step."""
+        return self.train_loss(batch) if self.automatic_optimization else self.train_group(batch, self.train_loss)
 
-    def _train_loss(self, batch) -> torch.Tensor:
+    def train_loss(self, batch) -> torch.Tensor:
+        """A mini-batch's training loss (label smoothing applied), added to the epoch's running sums."""
         loss, logits, y = self.model_step(batch, self.hparams.label_smoothing)
-        with torch.no_grad():  # the epoch's sums: loss x images (a mean over images, not batches), correct, images
+        with torch.no_grad():
             n = y.numel()
             step = torch.stack([loss.detach().float() * n, (logits.argmax(1) == y).sum().float(),
                                 torch.full((), float(n), device=y.device)])
@@ -215,22 +209,19 @@ class Classifier(StepsPerExecution, L.LightningModule):
     def _eval_step(self, batch, metrics: MetricCollection, prefix: str) -> torch.Tensor:
         loss, logits, y = self.model_step(batch)
         metrics.update(logits, y)
-        self.log(f"{prefix}/loss", loss, on_epoch=True, prog_bar=prefix == "val", batch_size=y.numel(), sync_dist=True,
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", batch_size=y.numel(), sync_dist=True,
                  add_dataloader_idx=False)
         for name, metric in metrics.items():
-            self.log(name, metric, on_epoch=True, prog_bar=name == "val/acc", add_dataloader_idx=False)
+            self.log(name, metric, prog_bar=name == "val/acc", add_dataloader_idx=False)
         return logits
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val")
 
     def test_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        """The test metrics (``test/acc``, ``test/loss``, macro precision / recall / F1, synced across
-        DDP ranks) of the first test dataloader; returns the batch's logits ``(B, num_classes)`` for every
-        dataloader (the evaluation suite adds perturbed copies of the test split as further ones)."""
-        if dataloader_idx == 0:
-            return self._eval_step(batch, self.test_metrics, "test")
-        return self(batch[0])
+        """The test metrics (synced across DDP ranks) of the first test dataloader; the batch's logits
+        ``(B, num_classes)`` for every dataloader (the evaluation suite adds perturbed copies of the test split)."""
+        return self._eval_step(batch, self.test_metrics, "test") if dataloader_idx == 0 else self(batch[0])
 
     def predict_step(self, batch, batch_idx: int = 0) -> torch.Tensor:
         """Logits ``(B, num_classes)`` for a batch of images, or of ``(images, labels)``."""
@@ -238,29 +229,15 @@ class Classifier(StepsPerExecution, L.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location=None, hparams_file=None, strict=None,
-                             weights_only: bool = True, **kwargs) -> Classifier:
-        """Lightning's ``load_from_checkpoint``, safe by default (``weights_only=True``: a pickle that would
-        run code is refused; the network is built only from an ``nn.Module`` class its config names), with
-        one clear line for a file that is not a usable mnist_lab checkpoint. The model takes images in [0, 1].
+                             weights_only: bool = True, **kwargs) -> "Classifier":
+        """Lightning's ``load_from_checkpoint``, safe by default (``weights_only=True``, and
+        :func:`check_checkpoint` first); the model takes images in [0, 1].
 
         Raises:
-            ConfigError: the file is missing, would run code when loaded, is not a checkpoint, is not an
-                mnist_lab checkpoint (or one of mnist_lab 0.1, which did not describe its network), or its
-                weights do not fit the network its config describes.
+            ConfigError: as :func:`check_checkpoint`, or weights that do not fit the network the config describes.
         """
-        if weights_only and "net" not in kwargs:  # the file is read twice: once here (memory-mapped), to check it
-            ckpt = read_checkpoint(checkpoint_path)
-            hp = ckpt.get("hyper_parameters") or {}
-            if "net_config" in hp:
-                raise ConfigError(f"{checkpoint_path} was written by mnist_lab 0.1, whose checkpoints do not describe "
-                                  "their network; retrain it with this version (the same command)")
-            if not isinstance(hp.get("net"), dict):
-                raise ConfigError(f"{checkpoint_path} is not an mnist_lab checkpoint (no network config); give a "
-                                  ".ckpt file written by mnist_lab.train or Trainer.save_checkpoint")
-            check_targets(hp["net"], nn.Module, "model")  # before Lightning builds anything
-            if "pytorch-lightning_version" not in ckpt or "state_dict" not in ckpt:
-                raise ConfigError(f"{checkpoint_path} is not a Lightning checkpoint (no pytorch-lightning_version or "
-                                  "state_dict); give a .ckpt file written by mnist_lab.train")
+        if weights_only and "net" not in kwargs:  # the file is read twice: here memory-mapped, to check it
+            check_checkpoint(checkpoint_path)
         try:
             return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                                 strict=strict, weights_only=weights_only, **kwargs)

@@ -1,102 +1,56 @@
-"""Report plots (matplotlib, written as PNG files; no display needed).
-
-Figures are made with ``matplotlib.figure.Figure``, not pyplot: no backend is chosen or needed, so
-importing mnist_lab leaves a notebook's inline plots (and any GUI backend) as they were.
+"""Plots (matplotlib, written as PNG files; no display needed), and :class:`RunPlots`, the callback that
+draws a run's. Figures are ``matplotlib.figure.Figure``, not pyplot: no backend is chosen, so importing
+mnist_lab leaves a notebook's inline plots (and any GUI backend) as they were. The sweep plots take
+configurations as :func:`mnist_lab.results.aggregate` makes them (a row each: ``label``, ``n``,
+``architecture``, the overrides, per value its mean, ``"<value> std"`` and ``"<value> n"``).
 """
-
-from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import lightning as L
+import numpy as np
+import pandas as pd
 import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mnist_lab.rundir import read_epoch_metrics, read_step_metrics
+from mnist_lab.rundir import RunDir, group_history, read_history
+
+UNITS = {"rotation": "degrees", "translation": "pixels", "zoom": "scale factor", "noise": "noise std",
+         "elastic": "alpha (px)"}
 
 
-def plot_curves(metrics_csv: str | Path, path: str | Path, title: str = "") -> Path:
-    """``curves.png``: train and val loss (left) and top-1 accuracy (right) per epoch."""
-    series = read_epoch_metrics(metrics_csv)
-    fig = Figure(figsize=(10, 3.8))
-    axes = fig.subplots(1, 2)
-    for ax, metric in zip(axes, ("loss", "acc"), strict=False):
-        for split, style in (("train", "o-"), ("val", "s--")):
-            values = series.get(f"{split}/{metric}", {})
-            if values:
-                epochs = sorted(values)
-                ax.plot([e + 1 for e in epochs], [values[e] for e in epochs], style, label=split)
-        ax.set_xlabel("epoch")
+class RunPlots(L.Callback):
+    """A run's figures, by rank 0: ``samples.png`` (the first 25 training digits) when fit starts (a
+    resumed run keeps its own), ``curves.png`` and, where the history holds the learning dynamics,
+    ``dynamics.png`` when the test ends."""
+
+    def __init__(self, run_dir: str | Path, resuming: bool = False):
+        self.run, self.resuming = RunDir(run_dir), resuming
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and not self.resuming:
+            x, y = trainer.datamodule.splits["train"]
+            plot_samples(x[:25], y[:25], self.run.path / "samples.png", title="first 25 training digits")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        history, name = read_history(self.run.history), getattr(pl_module, "name", type(pl_module).__name__)
+        if trainer.is_global_zero and {"train/loss", "val/loss"} & set(history):
+            plot_curves(history, self.run.path / "curves.png", title=name)
+        if trainer.is_global_zero and "dynamics/grad_norm" in history:
+            plot_dynamics(history, self.run.path / "dynamics.png", title=name)
+
+
+def _series(frame: pd.DataFrame, name: str) -> pd.Series:
+    return frame[name].dropna() if name in frame else pd.Series(dtype=float)
+
+
+def _axes(ax, xlabel: str, ylabel: str, integer: bool = True, **kwargs) -> None:
+    ax.set(xlabel=xlabel, ylabel=ylabel, **kwargs)
+    if integer:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("cross-entropy loss" if metric == "loss" else "top-1 accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    return _save(fig, path, title)
-
-
-def plot_dynamics(metrics_csv: str | Path, path: str | Path, title: str = "") -> Path:
-    """``dynamics.png``, from the :class:`~mnist_lab.callbacks.Dynamics` records of ``metrics.csv``: the
-    training loss (per record) and the validation loss (per validation) against optimizer steps, log y;
-    the global gradient norm, log y; the update ratio ``||dw|| / ||w||`` of each layer, log y; the
-    generalisation gap (train minus val top-1 accuracy) per epoch."""
-    steps, epochs = read_step_metrics(metrics_csv), read_epoch_metrics(metrics_csv)
-    fig = Figure(figsize=(12, 8))
-    (loss, grad), (ratio, gap) = fig.subplots(2, 2)
-
-    def line(ax, series: dict[int, float], style: str = "-", label: str | None = None):
-        if series:
-            ax.plot([s + 1 for s in sorted(series)], [series[s] for s in sorted(series)], style, label=label)
-
-    line(loss, steps.get("dynamics/train_loss", {}), "-", "train (per record)")
-    line(loss, steps.get("val/loss", {}), "s--", "val")
-    line(grad, steps.get("dynamics/grad_norm", {}))
-    for key in sorted(k for k in steps if k.startswith("update_ratio/")):
-        line(ratio, steps[key], "-", key.removeprefix("update_ratio/"))
-    for ax, ylabel in ((loss, "cross-entropy loss"), (grad, "gradient norm (L2, all parameters)"),
-                       (ratio, "update ratio ||dw|| / ||w||")):
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(ylabel)
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    loss.legend()
-    ratio.legend(fontsize=7, ncol=2)
-    train_acc, val_acc = epochs.get("train/acc", {}), epochs.get("val/acc", {})
-    common = sorted(set(train_acc) & set(val_acc))
-    gap.plot([e + 1 for e in common], [train_acc[e] - val_acc[e] for e in common], "o-")
-    gap.axhline(0, color="grey", lw=0.8)
-    gap.set_xlabel("epoch")
-    gap.xaxis.set_major_locator(MaxNLocator(integer=True))
-    gap.set_ylabel("train - val top-1 accuracy")
-    gap.grid(alpha=0.3)
-    return _save(fig, path, title)
-
-
-def plot_confusion_matrix(confusion: torch.Tensor, path: str | Path, title: str = "") -> Path:
-    """``confusion_matrix.png``: counts ``(C, C)``, rows = true class, columns = predicted class.
-    Cells are coloured by the row-normalised rate and labelled with counts."""
-    cm = confusion.detach().cpu().to(torch.int64)
-    rate = cm.double() / cm.sum(1, keepdim=True).clamp_min(1)
-    c = cm.shape[0]
-    fig = Figure(figsize=(6.4, 5.6))
-    ax = fig.subplots()
-    im = ax.imshow(rate.numpy(), cmap="Blues", vmin=0, vmax=1)
-    for i in range(c):
-        for j in range(c):
-            if cm[i, j]:
-                ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
-                        color="white" if rate[i, j] > 0.5 else "black")
-    ax.set_xticks(range(c))
-    ax.set_yticks(range(c))
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class")
-    fig.colorbar(im, ax=ax, label="fraction of true class")
-    return _save(fig, path, title)
-
-
-def plot_samples(images: torch.Tensor, labels: torch.Tensor, path: str | Path, title: str = "") -> Path:
-    """``samples.png``: a grid of digits ``(N, 28, 28)`` (uint8 or float) with their labels."""
-    return _digits(images, [str(int(y)) for y in labels], path, title, math.ceil(math.sqrt(len(labels))), (1.3, 1.45))
+    ax.grid(alpha=0.3, which="both")
 
 
 def _save(fig: Figure, path: str | Path, title: str) -> Path:
@@ -104,6 +58,60 @@ def _save(fig: Figure, path: str | Path, title: str) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return Path(path)
+
+
+def plot_curves(history: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """``curves.png`` of a run's history (:func:`~mnist_lab.rundir.read_history`): train and val loss (left)
+    and top-1 accuracy (right) per epoch."""
+    epochs, fig = group_history(history, "epoch"), Figure(figsize=(10, 3.8))
+    for ax, metric in zip(fig.subplots(1, 2), ("loss", "acc")):
+        for split, style in (("train", "o-"), ("val", "s--")):
+            if len(values := _series(epochs, f"{split}/{metric}")):
+                ax.plot(values.index + 1, values.to_numpy(), style, label=split)
+        _axes(ax, "epoch", "cross-entropy loss" if metric == "loss" else "top-1 accuracy")
+        ax.legend()
+    return _save(fig, path, title)
+
+
+def plot_dynamics(history: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """``dynamics.png`` of a run's history with the :class:`~mnist_lab.callbacks.Dynamics` records: the
+    training loss (per record) and the validation loss (per validation) against optimizer steps; the global
+    gradient norm; the update ratio ``||dw|| / ||w||`` of each layer (all three log y); the generalisation
+    gap (train minus val top-1 accuracy) per epoch."""
+    steps, epochs, fig = group_history(history, "step"), group_history(history, "epoch"), Figure(figsize=(12, 8))
+    (loss, grad), (ratio, gap) = fig.subplots(2, 2)
+    for ax, metric, style, label in ((loss, "dynamics/train_loss", "-", "train (per record)"),
+                                     (loss, "val/loss", "s--", "val"), (grad, "dynamics/grad_norm", "-", None),
+                                     *((ratio, k, "-", k.removeprefix("update_ratio/"))
+                                       for k in sorted(k for k in steps if k.startswith("update_ratio/")))):
+        if len(series := _series(steps, metric)):
+            ax.plot(series.index + 1, series.to_numpy(), style, label=label)
+    for ax, ylabel in ((loss, "cross-entropy loss"), (grad, "gradient norm (L2, all parameters)"),
+                       (ratio, "update ratio ||dw|| / ||w||")):
+        _axes(ax, "optimizer step", ylabel, integer=False, yscale="log")
+    loss.legend()
+    ratio.legend(fontsize=7, ncol=2)
+    diff = (_series(epochs, "train/acc") - _series(epochs, "val/acc")).dropna()
+    gap.plot(diff.index + 1, diff.to_numpy(), "o-")
+    gap.axhline(0, color="grey", lw=0.8)
+    _axes(gap, "epoch", "train - val top-1 accuracy")
+    return _save(fig, path, title)
+
+
+def plot_confusion_matrix(confusion: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """``confusion_matrix.png``: counts ``(C, C)``, rows = true class, columns = predicted class. Cells are
+    coloured by the row-normalised rate and labelled with counts."""
+    cm = confusion.detach().cpu().to(torch.int64)
+    rate, fig = cm.double() / cm.sum(1, keepdim=True).clamp_min(1), Figure(figsize=(6.4, 5.6))
+    ax = fig.subplots()
+    im = ax.imshow(rate.numpy(), cmap="Blues", vmin=0, vmax=1)
+    for (i, j), count in np.ndenumerate(cm.numpy()):
+        if count:
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if rate[i, j] > 0.5 else "black")
+    ax.set(xticks=range(len(cm)), yticks=range(len(cm)), xlabel="predicted class", ylabel="true class")
+    fig.colorbar(im, ax=ax, label="fraction of true class")
+    return _save(fig, path, title)
 
 
 def _digits(images: torch.Tensor, titles: list[str], path: str | Path, title: str, cols: int, cell: tuple) -> Path:
@@ -118,28 +126,40 @@ def _digits(images: torch.Tensor, titles: list[str], path: str | Path, title: st
     return _save(fig, path, title)
 
 
-# Sweep plots: `groups` are the configurations of mnist_lab.sweep.aggregate: dicts with "label",
-# "factors", "n", (mean, std) pairs per metric, "gap" and "curves".
-def plot_acc_vs_params(groups: list[dict], path: str | Path, title: str = "",
-                       reference: list[tuple[float, float]] | None = None, front: list[dict] | None = None,
+def plot_samples(images: torch.Tensor, labels: torch.Tensor, path: str | Path, title: str = "") -> Path:
+    """``samples.png``: a grid of digits ``(N, 28, 28)`` (uint8 or float) with their labels."""
+    return _digits(images, [str(int(y)) for y in labels], path, title, math.ceil(math.sqrt(len(labels))), (1.3, 1.45))
+
+
+def plot_gallery(images: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, path: str | Path,
+                 title: str = "") -> Path:
+    """A grid of digits ``(N, 28, 28)``, each titled with its true label and top-3 probabilities
+    (``errors.png``, ``predictions.png``)."""
+    titles = [f"true {int(y)}\n" + " ".join(f"{int(c)}:{float(v):.2f}" for v, c in zip(*p.topk(3)))
+              for y, p in zip(labels, probs)]
+    return _digits(images, titles, path, title, min(max(len(titles), 1), 5), (2.0, 2.3))
+
+
+def plot_acc_vs_params(groups: pd.DataFrame, path: str | Path, title: str = "",
+                       reference: list[tuple[float, float]] | None = None, front: pd.DataFrame | None = None,
                        x: str = "params_trainable", records: list[dict] | None = None) -> Path:
     """``acc_vs_params.png``: mean test accuracy vs trainable parameters (``x="flops_per_image"``: vs
     forward FLOPs per image, ``acc_vs_flops.png``), log x, error bars = std over seeds, one labelled
     point per configuration, one marker per ``architecture`` (the network's class); ``reference``
-    ``(x, accuracy)`` points (e.g. published results) are drawn as crosses, and ``front`` (the
-    Pareto-front configurations) as a dashed line; ``records`` (``{"label", "x", "mean", "std"}``: presets
-    trained with their own recipes, e.g. the record presets) as stars."""
+    ``(x, accuracy)`` points (e.g. published results) are drawn as crosses, ``front`` (the Pareto-front
+    configurations) as a dashed line, ``records`` (``{"label", "x", "mean", "std"}``: presets trained with
+    their own recipes) as stars."""
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
-    markers = dict(zip(dict.fromkeys(g.get("architecture") or "" for g in groups), "osD^vP*hX"))
-    for g in groups:
-        xv, (y, err) = g[x][0], g["test/acc"]
-        arch = g.get("architecture") or ""
-        ax.errorbar(xv, y, yerr=err, fmt=markers.get(arch, "o"), capsize=3, label=arch or None)
-        ax.annotate(f"{g['label']} (n={g['n']})", (xv, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    if front and len(front) > 1:
-        ax.plot([g[x][0] for g in front], [g["test/acc"][0] for g in front], "k--", lw=1,
-                label="Pareto front")
+    markers = dict(zip(dict.fromkeys(groups["architecture"].fillna("")), "osD^vP*hX"))
+    for _, g in groups.iterrows():
+        arch = g["architecture"] if isinstance(g["architecture"], str) else ""
+        ax.errorbar(g[x], g["test/acc"], yerr=g["test/acc std"], fmt=markers.get(arch, "o"), capsize=3,
+                    label=arch or None)
+        ax.annotate(f"{g['label']} (n={g['n']})", (g[x], g["test/acc"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=7)
+    if front is not None and len(front) > 1:
+        ax.plot(front[x], front["test/acc"], "k--", lw=1, label="Pareto front")
     if reference:
         ax.plot(*zip(*reference), "kx", ms=8, label="published")
     for r in records or []:
@@ -151,64 +171,48 @@ def plot_acc_vs_params(groups: list[dict], path: str | Path, title: str = "",
     if labels:
         unique = dict(zip(labels, handles))
         ax.legend(unique.values(), unique.keys(), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel({"flops_per_image": "FLOPs per image, forward pass (log scale)"}.get(x, "trainable parameters "
-                                                                                        "(log scale)"))
-    ax.set_ylabel("test top-1 accuracy (mean ± std over seeds)")
-    ax.grid(alpha=0.3, which="both")
+    _axes(ax, "FLOPs per image, forward pass (log scale)" if x == "flops_per_image" else
+          "trainable parameters (log scale)", "test top-1 accuracy (mean ± std over seeds)", False, xscale="log")
     return _save(fig, path, title)
 
 
-def plot_val_curves(groups: list[dict], path: str | Path, title: str = "") -> Path:
-    """``val_curves.png``: val accuracy (left) and val loss (right) per epoch, mean over seeds,
-    one line per configuration."""
+def plot_val_curves(curves: dict[str, pd.DataFrame], path: str | Path, title: str = "") -> Path:
+    """``val_curves.png``: val accuracy (left) and val loss (right) per epoch, one line per configuration;
+    ``curves``: label -> its mean over seeds, indexed by 0-based epoch, columns ``val/acc`` and ``val/loss``."""
     fig = Figure(figsize=(11, 4.2))
     axes = fig.subplots(1, 2)
-    for g in groups:
-        for ax, metric in zip(axes, ("val/acc", "val/loss")):
-            curve = g["curves"].get(metric, {})
-            if curve:
-                ax.plot([e + 1 for e in curve], list(curve.values()), "o-", ms=3, label=g["label"])
-    for ax, name in zip(axes, ("val top-1 accuracy", "val cross-entropy loss")):
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(name)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
+    for ax, metric, ylabel in zip(axes, ("val/acc", "val/loss"), ("val top-1 accuracy", "val cross-entropy loss")):
+        for name, curve in curves.items():
+            if metric in curve:
+                ax.plot(curve.index + 1, curve[metric].to_numpy(), "o-", ms=3, label=name)
+        _axes(ax, "epoch", ylabel)
     axes[0].legend(fontsize=7)
     return _save(fig, path, title)
 
 
-def plot_run_curves(runs: dict[str, list[dict[int, float]]], metric: str, path: str | Path, title: str = "",
+def plot_run_curves(runs: dict[str, list[pd.Series]], metric: str, path: str | Path, title: str = "",
                     log: bool = True, x: str = "epoch") -> Path:
-    """``runs_<metric>.png``: ``metric`` per epoch for every run (one thin line a seed), one colour per
-    configuration; log scale by default, so a collapsed run does not flatten the others. ``runs``:
-    configuration label -> one ``{epoch (0-based): value}`` per run; ``x="optimizer step"``: keyed by
-    0-based step instead (a value per validation or per dynamics record)."""
+    """``runs_<metric>.png``: ``metric`` for every run (one thin line a seed), one colour per configuration;
+    log scale by default, so a collapsed run does not flatten the others. ``runs``: configuration label ->
+    one series per run, indexed by 0-based epoch (or, ``x="optimizer step"``, 0-based step)."""
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
-    for i, (label, curves) in enumerate(runs.items()):
+    for i, (name, curves) in enumerate(runs.items()):
         for j, curve in enumerate(curves):
-            epochs = sorted(curve)
-            ax.plot([e + 1 for e in epochs], [curve[e] for e in epochs], "o-" if x == "epoch" else "-", ms=2.5, lw=1,
-                    alpha=0.8, color=f"C{i % 10}", label=label if j == 0 else None)
-    ax.set_xlabel(x)
-    ax.set_ylabel(f"{metric} (every run{', log scale' if log else ''})")
-    if log:
-        ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3, which="both")
+            ax.plot(curve.index + 1, curve.to_numpy(), "o-" if x == "epoch" else "-", ms=2.5, lw=1, alpha=0.8,
+                    color=f"C{i % 10}", label=name if j == 0 else None)
+    _axes(ax, x, f"{metric} (every run{', log scale' if log else ''})", yscale="log" if log else "linear")
     ax.legend(fontsize=7)
     return _save(fig, path, title)
 
 
-def plot_train_val_gap(groups: list[dict], path: str | Path, title: str = "") -> Path:
-    """``train_val_gap.png``: last-epoch train accuracy minus val accuracy per configuration
-    (train accuracy is measured in train mode, i.e. with dropout and augmentation on)."""
+def plot_train_val_gap(groups: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """``train_val_gap.png``: last-epoch train accuracy minus val accuracy per configuration (train
+    accuracy is measured in train mode, i.e. with dropout and augmentation on)."""
     fig = Figure(figsize=(8, 0.45 * len(groups) + 1.5))
     ax = fig.subplots()
-    labels = [g["label"] for g in groups]
-    ax.barh(range(len(groups)), [g["gap"][0] for g in groups], xerr=[g["gap"][1] for g in groups], capsize=3)
-    ax.set_yticks(range(len(groups)), labels, fontsize=8)
+    ax.barh(range(len(groups)), groups["gap"], xerr=groups["gap std"], capsize=3)
+    ax.set_yticks(range(len(groups)), groups["label"], fontsize=8)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("train acc - val acc, last epoch (mean ± std over seeds)")
     ax.invert_yaxis()
@@ -216,25 +220,18 @@ def plot_train_val_gap(groups: list[dict], path: str | Path, title: str = "") ->
     return _save(fig, path, title)
 
 
-def plot_heatmap(groups: list[dict], key_x: str, key_y: str, path: str | Path, title: str = "") -> Path:
+def plot_heatmap(groups: pd.DataFrame, key_x: str, key_y: str, path: str | Path, title: str = "") -> Path:
     """``heatmap.png``: mean test accuracy over a 2-factor grid (``key_x`` columns, ``key_y`` rows)."""
-    xs = sorted({g["factors"][key_x] for g in groups if key_x in g["factors"]})
-    ys = sorted({g["factors"][key_y] for g in groups if key_y in g["factors"]})
-    grid = torch.full((len(ys), len(xs)), float("nan"))
-    for g in groups:
-        if key_x in g["factors"] and key_y in g["factors"]:
-            grid[ys.index(g["factors"][key_y]), xs.index(g["factors"][key_x])] = g["test/acc"][0]
-    fig = Figure(figsize=(1.4 * len(xs) + 2.5, 1.0 * len(ys) + 1.8))
+    grid = groups.pivot_table(index=key_y, columns=key_x, values="test/acc", aggfunc="first")
+    fig = Figure(figsize=(1.4 * grid.shape[1] + 2.5, 1.0 * grid.shape[0] + 1.8))
     ax = fig.subplots()
-    im = ax.imshow(grid.numpy(), cmap="viridis")
-    for i in range(len(ys)):
-        for j in range(len(xs)):
-            if not math.isnan(grid[i, j]):
-                ax.text(j, i, f"{grid[i, j]:.4f}", ha="center", va="center", color="white", fontsize=9)
-    ax.set_xticks(range(len(xs)), xs)
-    ax.set_yticks(range(len(ys)), ys)
-    ax.set_xlabel(key_x)
-    ax.set_ylabel(key_y)
+    im = ax.imshow(grid.to_numpy(dtype=float), cmap="viridis")
+    for (i, j), acc in np.ndenumerate(grid.to_numpy(dtype=float)):
+        if not math.isnan(acc):
+            ax.text(j, i, f"{acc:.4f}", ha="center", va="center", color="white", fontsize=9)
+    ax.set_xticks(range(grid.shape[1]), grid.columns)
+    ax.set_yticks(range(grid.shape[0]), grid.index)
+    ax.set(xlabel=key_x, ylabel=key_y)
     fig.colorbar(im, ax=ax, label="mean test top-1 accuracy")
     return _save(fig, path, title)
 
@@ -243,48 +240,32 @@ def plot_robustness(results: dict[str, dict[str, dict[str, float]]], path: str |
     """``robustness.png``: accuracy vs perturbation strength, one panel per perturbation, one line
     per model: ``results = {model label: {kind: {strength: accuracy}}}`` (an overlay for several)."""
     kinds = list(next(iter(results.values())))
-    units = {"rotation": "degrees", "translation": "pixels", "zoom": "scale factor", "noise": "noise std",
-             "elastic": "alpha (px)"}
     fig = Figure(figsize=(3.3 * len(kinds), 3.4))
-    axes = fig.subplots(1, len(kinds), sharey=True, squeeze=False)
-    for ax, kind in zip(axes[0], kinds):
-        for label, res in results.items():
+    axes = fig.subplots(1, len(kinds), sharey=True, squeeze=False)[0]
+    for ax, kind in zip(axes, kinds):
+        for name, res in results.items():
             if kind in res:
-                xs = [float(s) for s in res[kind]]
-                ax.plot(xs, list(res[kind].values()), "o-", ms=3, label=label)
-        ax.set_title(kind)
-        ax.set_xlabel(units.get(kind, "strength"))
+                ax.plot([float(s) for s in res[kind]], list(res[kind].values()), "o-", ms=3, label=name)
+        ax.set(title=kind, xlabel=UNITS.get(kind, "strength"))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test top-1 accuracy")
-    axes[0][-1].legend(fontsize=7)
+    axes[0].set_ylabel("test top-1 accuracy")
+    axes[-1].legend(fontsize=7)
     return _save(fig, path, title)
 
 
 def plot_reliability(bins: list[dict], path: str | Path, title: str = "") -> Path:
-    """``calibration.png``: reliability diagram (accuracy vs mean confidence per confidence bin,
-    bar width = bin) and the share of images per bin."""
+    """``calibration.png``: reliability diagram (accuracy vs mean confidence per confidence bin, bar
+    width = bin) and the share of images per bin."""
     fig = Figure(figsize=(5.2, 6))
-    (ax, ax2) = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
-    full = [b for b in bins if b["count"]]
-    width = bins[0]["upper"] - bins[0]["lower"]
+    ax, ax2 = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    full, width = [b for b in bins if b["count"]], bins[0]["upper"] - bins[0]["lower"]
+    total = sum(b["count"] for b in bins)
     ax.bar([b["lower"] for b in full], [b["accuracy"] for b in full], width=width, align="edge",
            edgecolor="black", alpha=0.8, label="accuracy")
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
     ax.plot([b["confidence"] for b in full], [b["accuracy"] for b in full], "r.", label="mean confidence")
     ax.set_ylabel("accuracy in bin")
     ax.legend(fontsize=8)
-    total = sum(b["count"] for b in bins)
     ax2.bar([b["lower"] for b in bins], [b["count"] / max(total, 1) for b in bins], width=width, align="edge")
-    ax2.set_yscale("log")
-    ax2.set_xlabel("confidence (max softmax probability)")
-    ax2.set_ylabel("share")
+    ax2.set(yscale="log", xlabel="confidence (max softmax probability)", ylabel="share")
     return _save(fig, path, title)
-
-
-def plot_gallery(images: torch.Tensor, labels: torch.Tensor, probs: torch.Tensor, path: str | Path,
-                 title: str = "") -> Path:
-    """A grid of digits ``(N, 28, 28)``, each titled with its true label and top-3 probabilities
-    (``errors.png``, ``predictions.png``)."""
-    titles = [f"true {int(y)}\n" + " ".join(f"{int(c)}:{float(v):.2f}" for v, c in zip(*p.topk(3)))
-              for y, p in zip(labels, probs)]
-    return _digits(images, titles, path, title, min(max(len(titles), 1), 5), (2.0, 2.3))

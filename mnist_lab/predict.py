@@ -5,8 +5,6 @@ are classified; when none could be, one ``error:`` line and exit code 2. Images 
 are converted to MNIST's form the way the MNIST digits were made (:func:`to_mnist_form`).
 """
 
-from __future__ import annotations
-
 import csv
 import glob
 import sys

@@ -1,17 +1,13 @@
-"""The run dir: its layout and status, its history logger, reading results back, and safe loading.
+"""The run dir: its layout, and reading it back: its history, its summary, its checkpoints (safely).
 
 A run dir (``outputs/runs/<date>_<time>/``, or a sweep's job dir) holds ``config.yaml``,
-``checkpoints/{best,last}.ckpt``, ``metrics.csv`` (the history), ``metrics.json`` (the summary and its
-``status``: ``completed``, ``failed``, ``diverged`` or ``interrupted``), the evaluation suite's files and
-plots. Files are written atomically (temp file, ``os.replace``): a reader never sees half a file.
-Checkpoints are read with ``torch.load(weights_only=True)`` only: a checkpoint is a file from a user.
+``checkpoints/{best,last}.ckpt``, ``metrics.csv`` (the history, Lightning's CSVLogger), ``metrics.json``
+(the summary and its ``status``: ``completed``, ``failed``, ``diverged`` or ``interrupted``), the
+evaluation suite's files and plots; :mod:`mnist_lab.record` writes it. Files are written atomically.
 """
 
-from __future__ import annotations
-
-import csv
+import contextlib
 import datetime as dt
-import io
 import json
 import os
 import pickle
@@ -19,14 +15,11 @@ import platform
 import re
 import subprocess
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 import lightning as L
+import pandas as pd
 import torch
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from mnist_lab._version import __version__
 from mnist_lab.errors import ConfigError
@@ -75,96 +68,41 @@ def read_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
-def read_epoch_metrics(metrics_csv: str | Path) -> dict[str, dict[int, float]]:
-    """Read Lightning's ``CSVLogger`` file into ``{metric: {epoch: value}}`` (epoch-level rows only; a
-    metric logged several times an epoch keeps its last value); ``{}`` when there is no file (a run that
-    logged nothing, e.g. ``trainer.max_epochs=0``)."""
-    return _series(metrics_csv, "epoch")
+def read_history(metrics_csv: str | Path, by: str | None = None) -> pd.DataFrame:
+    """``metrics.csv`` as Lightning's CSVLogger wrote it, one row per logging call (columns ``epoch``,
+    ``step`` and one per metric; values exact), or grouped ``by`` epoch or step (:func:`group_history`).
+    Empty when there is no file (a run that logged nothing). The one reader of a run's history."""
+    try:
+        history = pd.read_csv(metrics_csv, engine="python")  # Python's float(): values exact
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        history = pd.DataFrame(columns=["epoch", "step"], dtype=float)
+    return history if by is None else group_history(history, by)
 
 
-def read_step_metrics(metrics_csv: str | Path) -> dict[str, dict[int, float]]:
-    """Read ``metrics.csv`` into ``{metric: {step: value}}``, every row (``step``: the 0-based index of the
-    last optimizer step the value covers, as Lightning writes it); ``{}`` when there is no file."""
-    return _series(metrics_csv, "step")
-
-
-def _series(metrics_csv: str | Path, by: str) -> dict[str, dict[int, float]]:
-    series: dict[str, dict[int, float]] = defaultdict(dict)
-    if not Path(metrics_csv).is_file():
-        return {}
-    with open(metrics_csv, newline="") as f:
-        for row in csv.DictReader(f):
-            if row.get(by) in ("", None):
-                continue
-            index = int(float(row[by]))
-            for key, value in row.items():
-                if key not in ("epoch", "step") and value not in ("", None):
-                    series[key][index] = float(value)
-    return dict(series)
+def group_history(history: pd.DataFrame, by: str) -> pd.DataFrame:
+    """One row per epoch (``by="epoch"``) or per 0-based optimizer step (``"step"``), indexed by it; a
+    metric logged several times in one keeps its last value."""
+    grouped = history.dropna(subset=[by]).groupby(by).last()
+    return grouped.drop(columns=[c for c in ("epoch", "step") if c in grouped]).set_axis(grouped.index.astype(int))
 
 
 def provenance(device: torch.device) -> dict:
     """What a reader needs to reproduce a run: the versions of mnist_lab, torch, Lightning and Python, the
     git commit of the clone mnist_lab runs from (None from a wheel) and whether it had uncommitted changes
     (``git_dirty``), and the device's name (the GPU's, or the CPU model)."""
-    clone, commit, dirty = Path(__file__).resolve().parents[1], None, None
+    clone, commit, status = Path(__file__).resolve().parents[1], None, None
     if (clone / ".git").exists():
-        try:
-            def git(*args: str) -> str:
-                return subprocess.run(["git", "-C", str(clone), *args], capture_output=True, text=True, timeout=30,
-                                      check=True).stdout.strip()
-            commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
-        except (OSError, subprocess.SubprocessError):
-            pass
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-        name = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                    platform.processor() or platform.machine())
-    return {"mnist_lab_version": __version__, "git_commit": commit, "git_dirty": dirty,
-            "torch_version": torch.__version__, "lightning_version": L.__version__,
-            "python_version": platform.python_version(), "device_name": name}
-
-
-class _ContinuedHistory(ExperimentWriter):
-    """Lightning's CSV writer, keeping an existing ``metrics.csv`` and its columns (the stock one deletes it)."""
-
-    def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                self.metrics_keys = next(csv.reader(f), [])
-
-
-class RunCSVLogger(CSVLogger):
-    """Lightning's ``CSVLogger`` for a run's ``metrics.csv``, continued by a resumed run instead of
-    deleted. :meth:`keep_epochs` drops the rows logged after the checkpoint a run resumes from."""
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ContinuedHistory(log_dir=self.log_dir)
-        return self._experiment
-
-    def keep_epochs(self, last: int) -> None:
-        """Keep the rows of epochs ``<= last`` and the rows without an epoch (the learning rate, logged as
-        an epoch starts) up to their last step; the resumed run logs the others again."""
-        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
-        if not path.is_file():
-            return
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows, keys = list(reader), reader.fieldnames or []
-        kept = [r for r in rows if r["epoch"] and int(float(r["epoch"])) <= last]
-        last_step = max((int(float(r["step"])) for r in kept), default=-1)
-        rows = [r for r in rows if r in kept or (not r["epoch"] and int(float(r["step"])) <= last_step)]
-        table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-        write_text_atomic(path, table.getvalue())
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            commit, status = (subprocess.run(["git", "-C", str(clone), *args], capture_output=True, text=True,
+                                             timeout=30, check=True).stdout.strip()
+                              for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
+    return {"mnist_lab_version": __version__, "git_commit": commit,
+            "git_dirty": None if status is None else bool(status), "torch_version": torch.__version__,
+            "lightning_version": L.__version__,
+            "python_version": platform.python_version(), "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda" else cpu or platform.processor() or platform.machine()}
 
 
 def given_checkpoints(ckpt_path, run_dir) -> list[Path]:
@@ -203,7 +141,7 @@ class RunDir:
         self.path = Path(path)
 
     @classmethod
-    def new(cls, base: str | Path = "outputs/runs") -> RunDir:
+    def new(cls, base: str | Path = "outputs/runs") -> "RunDir":
         """A fresh, timestamped run dir (to the microsecond, so two runs never share one)."""
         return cls(Path(base) / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f"))
 

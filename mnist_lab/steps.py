@@ -2,23 +2,21 @@
 
 With ``K > 1`` the datamodule's training batches come in groups of up to ``K`` (the module sets the loader's
 ``group_ends`` each epoch) and :meth:`StepsPerExecution.train_group` runs them with manual optimisation,
-exactly as ``K`` steps of automatic optimisation would: zero_grad, backward (through the precision
-plugin: bf16 autocast, the fp16 scaler), gradient clipping (``trainer.gradient_clip_val``), optimizer
-step, a per-step LR scheduler; per-epoch schedulers after the epoch's last batch (ReduceLROnPlateau after
-validation). Lightning's per-step work (hooks, loop bookkeeping) is paid once per ``K`` mini-batches.
+each mini-batch exactly as a step of automatic optimisation: zero_grad, backward, gradient clipping
+(``trainer.gradient_clip_val``), optimizer step, a per-step LR scheduler; per-epoch schedulers after the
+epoch's last batch (ReduceLROnPlateau after validation). Lightning's per-step work (hooks, loop bookkeeping,
+logging) is paid once per group.
 
 ``K`` is invisible in what Lightning counts: after each group its batch counters move on by the group's
-mini-batches, so ``trainer.limit_train_batches``, ``log_every_n_steps``, ``val_check_interval``,
-``max_steps``, checkpoints every N steps, ``global_step`` and the ``step`` column of ``metrics.csv`` count
-mini-batches for every ``K``, and a callback's ``batch_idx`` is the index of the group's first mini-batch.
-A group ends early wherever one of those options acts (a validation, a logged step, a checkpoint, the
-epoch's or the run's last step), so each acts after the same mini-batch as with ``K = 1``.
-``steps_per_execution="auto"`` (the default) takes :func:`max_steps_per_execution`; options that act on
-every optimizer step (gradient accumulation, weight averaging, SWA, a per-step LR monitor) make it 1.
+mini-batches, so ``limit_train_batches``, ``log_every_n_steps``, ``val_check_interval``, ``max_steps``,
+checkpoints every N steps, ``global_step`` and the ``step`` column of ``metrics.csv`` count mini-batches
+for every ``K``, and a callback's ``batch_idx`` is the index of the group's first mini-batch. A group ends
+early wherever one of those options acts, so each acts after the same mini-batch as with ``K = 1``.
+``"auto"`` (the default) takes :func:`max_steps_per_execution`; options that act on every optimizer step
+(gradient accumulation, weight averaging, SWA, a per-step LR monitor) make it 1.
 """
 
-from __future__ import annotations
-
+import re
 from collections.abc import Callable
 
 import lightning as L
@@ -27,6 +25,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, St
 
 from mnist_lab.callbacks import Dynamics
 from mnist_lab.errors import ConfigError
+from mnist_lab.lightning_internals import count_steps
 
 #: images per Lightning step that ``auto`` aims for: Lightning's per-step cost (~0.3 ms of Python, a few
 #: hooks per callback) is then small beside the step's compute on a CPU; on a GPU the steps of these
@@ -36,28 +35,31 @@ AUTO_MAX = 32
 
 
 def max_steps_per_execution(batch_size: int, device: torch.device) -> int:
-    """The ``K`` that ``steps_per_execution="auto"`` starts from: :data:`AUTO_MAX` on a GPU, else
-    ``AUTO_IMAGES // batch_size`` within [1, :data:`AUTO_MAX`] (32 at batch 32 or 64, 8 at 256, 1 from 2048)."""
-    if device.type != "cpu":
-        return AUTO_MAX
-    return max(1, min(AUTO_MAX, AUTO_IMAGES // batch_size))
+    """The ``K`` that ``"auto"`` starts from: :data:`AUTO_MAX` on a GPU, else ``AUTO_IMAGES // batch_size``
+    within [1, :data:`AUTO_MAX`] (32 at batch 32 or 64, 8 at 256, 1 from 2048)."""
+    return AUTO_MAX if device.type != "cpu" else max(1, min(AUTO_MAX, AUTO_IMAGES // batch_size))
+
+
+def every_n_train_steps(callback: ModelCheckpoint) -> int:
+    """A checkpoint callback's ``every_n_train_steps`` (0: off), from its public ``state_key`` (the key of
+    its state in every checkpoint file, so Lightning keeps its form)."""
+    found = re.search(r"'every_n_train_steps': (\d+)", callback.state_key)
+    return int(found.group(1)) if found else 0
 
 
 def group_ends(trainer: L.Trainer, k: int, log_steps: bool) -> list[int]:
     """Where this epoch's groups of at most ``k`` mini-batches end, as counts of the epoch's batches: after
     every ``k``, and wherever an option counted in training steps acts (``val_check_interval``, counted in
     the epoch, or over the run without ``check_val_every_n_epoch``; ``log_every_n_steps`` when the module
-    logs steps; checkpoints every N steps; the :class:`~mnist_lab.callbacks.Dynamics` records; ``max_steps``),
-    so that it acts after the same mini-batch as with ``K = 1``; the last end is the epoch's
-    ``num_training_batches`` (``limit_train_batches``)."""
+    logs steps; checkpoints every N steps; the :class:`~mnist_lab.callbacks.Dynamics` records; ``max_steps``);
+    the last end is the epoch's ``num_training_batches``."""
     loop = trainer.fit_loop.epoch_loop
     # batches of this epoch already trained: 0, or where a checkpoint saved mid-epoch left it (Lightning's
     # loop counts them once it restarts, after this hook; one more if it was saved at a batch's end)
     done = loop.batch_progress.current.completed + loop.restarted_on_train_batch_end if loop.restarting else 0
     n, start = trainer.num_training_batches, trainer.global_step
     run_wide = [trainer.max_steps] if trainer.max_steps > 0 else []
-    run_wide += [cb._every_n_train_steps for cb in trainer.callbacks
-                 if isinstance(cb, ModelCheckpoint) and cb._every_n_train_steps]
+    run_wide += [every_n_train_steps(cb) for cb in trainer.checkpoint_callbacks if every_n_train_steps(cb)]
     run_wide += [trainer.log_every_n_steps] if log_steps else []
     run_wide += [cb.every_n_steps for cb in trainer.callbacks if isinstance(cb, Dynamics) and cb.every_n_steps]
     in_epoch = []
@@ -72,7 +74,7 @@ def group_ends(trainer: L.Trainer, k: int, log_steps: bool) -> list[int]:
     return ends
 
 
-def _per_step(trainer: L.Trainer) -> str | None:
+def per_step_option(trainer: L.Trainer) -> str | None:
     """What acts on every optimizer step and so needs ``K = 1``, in words; None: nothing."""
     if trainer.accumulate_grad_batches > 1:
         return f"gradient accumulation (trainer.accumulate_grad_batches={trainer.accumulate_grad_batches})"
@@ -90,7 +92,7 @@ class StepsPerExecution:
     Raises:
         ConfigError: from :meth:`check_steps_per_execution`: ``K`` neither ``"auto"`` nor a positive integer;
             when training starts: ``K > 1`` with an option that acts on every optimizer step (named in the
-            message, with the fix).
+            message, with the fix), or with training batches that are not mnist_lab's.
     """
 
     _k: int | None = None  # resolved when training starts
@@ -106,9 +108,9 @@ class StepsPerExecution:
             raise ConfigError(f"steps_per_execution={k!r} must be a positive integer, e.g. 8, or auto")
 
     def check_per_step_options(self) -> None:
-        """Refuse ``K > 1`` beside an option that acts on every optimizer step (called from ``setup``)."""
+        """Refuse an explicit ``K > 1`` beside an option that acts on every optimizer step (from ``setup``)."""
         k = self.hparams.steps_per_execution
-        if k != "auto" and k > 1 and (per_step := _per_step(self.trainer)):  # auto: on_train_start asks once
+        if k != "auto" and k > 1 and (per_step := per_step_option(self.trainer)):
             raise ConfigError(f"steps_per_execution={k} cannot run with {per_step}; use steps_per_execution=1 "
                               "(or auto)")
 
@@ -123,7 +125,7 @@ class StepsPerExecution:
                                   f"not a {type(loader).__name__}; use steps_per_execution=1 (or auto)")
             k = 1
         elif k == "auto":
-            k = 1 if _per_step(trainer) else max_steps_per_execution(loader.sampler.batch_size, self.device)
+            k = 1 if per_step_option(trainer) else max_steps_per_execution(loader.sampler.batch_size, self.device)
         self._k = k
         self.automatic_optimization = k == 1
         self.on_train_epoch_start()  # which Lightning skips for an epoch restarted from a mid-epoch checkpoint
@@ -143,10 +145,12 @@ class StepsPerExecution:
         losses ``(K,)``. ``loss_of`` maps a mini-batch to its mean loss."""
         opt, trainer = self.optimizers(), self.trainer
         # Lightning's backward and step dispatch their hooks (on_before_backward, on_after_backward,
-        # on_before_optimizer_step) to every callback: the last mini-batch of the group goes through them,
-        # so callbacks see one call per training step as with K = 1; the others call autograd and the
-        # optimizer directly, counted as optimizer steps (global_step) all the same. With an fp16 grad
-        # scaler every mini-batch takes Lightning's path, which scales the loss and unscales the step.
+        # on_before_optimizer_step) to every callback: the group's last mini-batch goes through them, so
+        # callbacks see one call per training step, as with K = 1. The others call autograd and the optimizer
+        # directly, each step counted in the loop's optimizer-step progress (global_step) as Lightning's step
+        # counts it: that saves the hooks' cost, a fifth of fc's step at batch 32 (docs/speed.md). With an
+        # fp16 grad scaler every mini-batch takes Lightning's path, which scales the loss and unscales the step.
+        steps = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
         direct = getattr(trainer.precision_plugin, "scaler", None) is None
         losses = []
         for i, minibatch in enumerate(batch):
@@ -163,17 +167,17 @@ class StepsPerExecution:
                                     gradient_clip_algorithm=trainer.gradient_clip_algorithm)
             if lightning_path:
                 opt.step()
-            else:  # LightningOptimizer.step without the hooks: the loop's step counting, then the step
-                opt._on_before_step()
+            else:
+                steps.increment_ready()
                 opt.optimizer.step()
-                opt._on_after_step()
+                steps.increment_completed()
             self.step_schedulers("step")
             losses.append(loss.detach())
         # Lightning counts this training step as one batch: the rest of the group's mini-batches too, so
         # its counted options (epoch end, validation, logging, the logged step) count mini-batches
-        loop = trainer.fit_loop.epoch_loop
-        loop.batch_progress.increment_by(len(batch) - 1, is_last_batch=loop.batch_progress.is_last_batch)
-        loop._batches_that_stepped += len(batch) - 1
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        progress.increment_by(len(batch) - 1, is_last_batch=progress.is_last_batch)
+        count_steps(trainer, len(batch) - 1)
         return torch.stack(losses)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

@@ -1,237 +1,180 @@
-"""Sweep summaries: one table and a few plots for a Hydra multirun sweep dir (a job dir per override
-set, each with Hydra's ``.hydra/overrides.yaml`` and, once the job ended, its ``metrics.json``).
+"""Sweeps: the summary of a Hydra multirun sweep dir, and the Hydra pieces of a sweep.
 
-:func:`write_summary` writes ``summary.csv`` (a row per job: architecture, every override, the
-:data:`METRICS`, status, error), ``summary.md`` (jobs grouped over ``seed``: mean ± sample std (n), the
-Pareto front, the jobs that did not complete) and the figures (accuracy against parameters and against
-FLOPs with the Pareto front, val curves, train−val gap, robustness, and for a two-factor grid a heatmap).
-It runs when a multirun ends (:class:`mnist_lab.hydra_callbacks.SweepSummary`) and by hand with
-``python scripts/summarize_sweep.py SWEEP_DIR`` (also on a partly failed or unfinished sweep).
+:func:`write_summary` writes ``summary.csv`` (the jobs table, :func:`mnist_lab.results.collect`),
+``summary.md`` (configurations: mean ± sample std over seeds, the Pareto front, Optuna's best trial, the jobs
+that did not complete) and the figures. :class:`SweepCallback` (``hydra.callbacks`` in ``conf/train.yaml``)
+checks a study before its first job, stops a parallel sweep's workers with it, and writes the summary and a
+study's report when the sweep ends; ``python scripts/summarize_sweep.py SWEEP_DIR`` does it by hand.
 """
 
-from __future__ import annotations
-
-import csv
-import io
-import json
-import math
+import contextlib
+import multiprocessing
+import os
+import signal
 import statistics
-from collections import Counter, defaultdict
+import sys
+import time
 from pathlib import Path
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
+import pandas as pd
+from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from mnist_lab.config import parse_overrides
+from mnist_lab.errors import ConfigError, RunInterrupted, exit_with
 from mnist_lab.plots import plot_acc_vs_params, plot_heatmap, plot_robustness, plot_train_val_gap, plot_val_curves
-from mnist_lab.rundir import RunDir, read_epoch_metrics, read_step_metrics, write_text_atomic
+from mnist_lab.results import Job, aggregate, collect, factors, markdown, matches, overrides, pareto_front
+from mnist_lab.rundir import write_text_atomic
+from mnist_lab.study import check_spec, values_of, write_report
 
-#: metrics.json values copied into summary.csv, in this order.
-METRICS = ("params_trainable", "test/acc", "test/loss", "test/precision_macro", "test/recall_macro",
-           "test/f1_macro", "best_val/loss", "best_val/acc", "last_train/acc", "last_val/acc", "epochs",
-           "train_seconds", "test/ece", "robustness/mean", "robustness/rotation_20", "robustness/translation_4",
-           "flops_per_image")
-_PARSER = OverridesParser.create()
-
-
-def parse_override(text: str) -> tuple[str, str]:
-    """``"+model.batchnorm=True"`` -> ``("model.batchnorm", "true")``: Hydra's parser reads the
-    override (its ``+``/``++``/``~`` prefixes dropped); the value is written back the YAML way."""
-    override = _PARSER.parse_override(text)
-    value = override.value()
-    return override.key_or_group, str(value).lower() if isinstance(value, bool) else str(value)
+#: summary.md's columns: value -> header.
+COLUMNS = {"test/acc": "test acc", "test/f1_macro": "test macro-F1", "best_val/acc": "best val acc",
+           "robustness/mean": "robust acc", "params_trainable": "trainable params", "flops_per_image": "FLOPs / image",
+           "epochs": "epochs", "train_seconds": "train s"}
 
 
-def collect(sweep_dir: str | Path) -> list[dict]:
-    """One dict per job dir: ``job``, ``status``, ``factors`` (override -> value, without the keys
-    Hydra's ``override_dirname`` excludes, e.g. ``sweep``), the :data:`METRICS`, ``error`` and
-    ``history`` (per-epoch metrics from ``metrics.csv``) and ``steps`` (every row by step: the
-    validations and the :class:`~mnist_lab.callbacks.Dynamics` records)."""
-    sweep_dir = Path(sweep_dir)
-    rows = []
-    for job in sorted(p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")):  # a '/' in a value nests
-        hydra_cfg = OmegaConf.load(job / ".hydra" / "hydra.yaml")
-        exclude = set(OmegaConf.select(hydra_cfg, "hydra.job.config.override_dirname.exclude_keys") or [])
-        overrides = OmegaConf.load(job / ".hydra" / "overrides.yaml")
-        factors = dict(parse_override(o) for o in overrides)
-        factors = {k: v for k, v in factors.items() if k not in exclude}
-        run = RunDir(job)
-        metrics = run.read_metrics() or {"status": "incomplete"}
-        rows.append({
-            "job": str(job.relative_to(sweep_dir)),
-            "status": metrics.get("status", "unknown"),
-            "architecture": metrics.get("architecture"),
-            "factors": factors,
-            **{k: metrics.get(k) for k in METRICS},
-            "error": metrics.get("error", "" if metrics.get("status") != "incomplete"
-                                 else "no metrics.json: the job was killed or is still running"),
-            "history": read_epoch_metrics(run.history),
-            "steps": read_step_metrics(run.history),
-            "robustness": json.loads(run.robustness.read_text())["accuracy"] if run.robustness.is_file() else {},
-        })
-    return rows
-
-
-def config_label(factors: dict[str, str]) -> str:
-    """``{"model.batchnorm": "true", "model.dropout": "0.25"}`` -> ``"batchnorm=true, dropout=0.25"``
-    (the last part of each key, unless two keys share it)."""
-    short = [k.rsplit(".", 1)[-1] for k in factors]
-    names = short if len(set(short)) == len(short) else list(factors)
-    return ", ".join(f"{n}={v}" for n, v in zip(names, factors.values())) or "(defaults)"
-
-
-def varying_factors(rows: list[dict], group_out: str = "seed") -> list[str]:
-    """Override keys whose value differs between jobs (``group_out`` left out), sorted."""
-    keys = sorted({k for r in rows for k in r["factors"]} - {group_out})
-    return [k for k in keys if len({r["factors"].get(k) for r in rows}) > 1]
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1 in the denominator; 0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def aggregate(rows: list[dict], group_out: str = "seed") -> list[dict]:
-    """Group the completed jobs by every factor but ``group_out`` (the seed).
-
-    Returns one dict per configuration, in first-seen order: ``label`` (the factors that vary
-    across the sweep), ``factors``, ``n``, and ``(mean, std)`` pairs for the metrics, for ``gap``
-    (last train acc - last val acc) and ``curves`` (per-epoch mean of ``val/acc`` and ``val/loss``).
-    """
-    varying = varying_factors(rows, group_out)
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for row in rows:
-        if row["status"] == "completed":
-            key = tuple((k, v) for k, v in sorted(row["factors"].items()) if k != group_out)
-            groups[key].append(row)
-    out = []
-    for key, members in groups.items():
-        factors = dict(key)
-        label = config_label({k: v for k, v in factors.items() if k in varying})
-        entry = {"label": label, "factors": factors, "n": len(members), "architecture": members[0].get("architecture")}
-        for metric in METRICS:
-            values = [m[metric] for m in members if m[metric] is not None]
-            entry[metric] = mean_std(values) if values else (math.nan, math.nan)
-        gaps = [m["last_train/acc"] - m["last_val/acc"] for m in members
-                if m["last_train/acc"] is not None and m["last_val/acc"] is not None]
-        entry["gap"] = mean_std(gaps) if gaps else (math.nan, math.nan)
-        curves = {}
-        for metric in ("val/acc", "val/loss"):
-            by_epoch = defaultdict(list)
-            for m in members:
-                for epoch, value in m["history"].get(metric, {}).items():
-                    by_epoch[epoch].append(value)
-            curves[metric] = {e: statistics.fmean(v) for e, v in sorted(by_epoch.items())}
-        entry["curves"] = curves
-        robust: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        for m in members:
-            for kind, res in m.get("robustness", {}).items():
-                for strength, acc in res.items():
-                    robust[kind][strength].append(acc)
-        entry["robustness"] = {k: {st: statistics.fmean(v) for st, v in r.items()} for k, r in robust.items()}
-        out.append(entry)
-    return out
-
-
-def pareto_front(groups: list[dict], metric: str = "test/acc", cost: str = "params_trainable") -> list[dict]:
-    """The configurations no other beats at the same or a lower ``cost`` (trainable parameters, or
-    ``flops_per_image``): sorted by cost, each more accurate (mean ``metric``) than every cheaper one."""
-    front, best = [], -math.inf
-    for g in sorted(groups, key=lambda g: (g[cost][0], -g[metric][0])):
-        if g[metric][0] > best:
-            front.append(g)
-            best = g[metric][0]
-    return front
-
-
-def _fmt(pair: tuple[float, float], digits: int = 4) -> str:
-    mean, std = pair
-    return "–" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def write_summary(sweep_dir: str | Path, title: str | None = None) -> dict:
-    """Write ``summary.csv``, ``summary.md`` and the plots into ``sweep_dir``; ``title`` heads the plots
-    (None: the sweep dir's name).
+def write_summary(sweep_dir: str | Path, title: str | None = None, table: pd.DataFrame | None = None) -> dict:
+    """Write ``summary.csv``, ``summary.md`` and the plots into ``sweep_dir``; ``table``: its jobs (None:
+    :func:`~mnist_lab.results.collect` them); ``title`` heads the plots (None: the sweep dir's name).
 
     Returns:
-        ``{"rows": [...], "groups": [...], "files": [paths written], "failed": [rows not completed]}``.
+        ``{"table", "groups", "files": [paths written], "failed": [jobs not completed]}``.
 
     Raises:
         FileNotFoundError: ``sweep_dir`` holds no Hydra job dirs.
     """
     sweep_dir = Path(sweep_dir)
-    rows = collect(sweep_dir)
-    if not rows:
+    table = collect(sweep_dir) if table is None else table
+    if table.empty:
         raise FileNotFoundError(f"no Hydra job dirs (*/.hydra/overrides.yaml) under {sweep_dir}")
-    factor_keys = sorted({k for r in rows for k in r["factors"]})
     files = [sweep_dir / "summary.csv", sweep_dir / "summary.md"]
-    table = io.StringIO()
-    writer = csv.writer(table)
-    writer.writerow(["job", "status", "architecture", *factor_keys, *METRICS, "error"])
-    for r in rows:
-        writer.writerow([r["job"], r["status"], r.get("architecture") or "",
-                         *(r["factors"].get(k, "") for k in factor_keys),
-                         *("" if r[k] is None else r[k] for k in METRICS), r["error"]])
-    write_text_atomic(files[0], table.getvalue())
-    groups = aggregate(rows)
-    write_text_atomic(files[1], "\n".join(_summary_lines(sweep_dir, rows, groups)) + "\n")
-    if groups:
-        files += _plots(sweep_dir, groups, varying_factors(rows), title or sweep_dir.name)
-    return {"rows": rows, "groups": groups, "files": files, "failed": [r for r in rows if r["status"] != "completed"]}
+    write_text_atomic(files[0], table.to_csv(index=False, lineterminator="\r\n"))  # as the csv module writes
+    groups = aggregate(table)
+    write_text_atomic(files[1], "\n".join(_summary_lines(sweep_dir, table, groups)) + "\n")
+    if len(groups):
+        files += _plots(sweep_dir, table, groups, title or sweep_dir.name)
+    failed = table[table["status"] != "completed"]
+    return {"table": table, "groups": groups, "files": files, "failed": failed["job"].tolist()}
 
 
-def _summary_lines(sweep_dir: Path, rows: list[dict], groups: list[dict]) -> list[str]:
+def _pair(group: pd.Series, value: str) -> str:
+    return "–" if pd.isna(group[value]) else f"{group[value]:.4f} ± {group[f'{value} std']:.4f}"
+
+
+def _summary_lines(sweep_dir: Path, table: pd.DataFrame, groups: pd.DataFrame) -> list[str]:
     """``summary.md``: counts, the table of configurations, the Pareto front, Optuna's best trial, failures."""
-    varying = varying_factors(rows)
-    fixed = sorted({f"{k}={v}" for r in rows for k, v in r["factors"].items() if k not in varying and k != "seed"})
-    statuses = Counter(r["status"] for r in rows)
+    varying = factors(table)
+    keys = [k for k in overrides(table) if k not in (*varying, "seed")]
+    fixed = sorted({f"{k}={v}" for k in keys for v in table[k].dropna().astype(str) if v})
+    statuses = table["status"].value_counts().to_dict()
     counts = ", ".join(f"{statuses.pop(s, 0)} {s}" for s in ("completed", "failed", "incomplete"))
     counts += "".join(f", {n} {s}" for s, n in sorted(statuses.items()))  # diverged, interrupted
     lines = [f"# Sweep summary: {sweep_dir.name}", "",
-             f"{len(rows)} jobs: {counts}. "
+             f"{len(table)} jobs: {counts}. "
              "Mean ± sample std over seeds; n = completed seeds. Robust acc: mean test accuracy over the "
              "perturbations of the evaluation suite (rotation, shift, zoom, noise, elastic; strength > 0).", "",
              f"Factors: {', '.join(varying) or '(none)'}. Same for every job: {', '.join(fixed) or '(nothing)'}.", "",
-             "| configuration | n | test acc | test macro-F1 | best val acc | robust acc | trainable params "
-             "| FLOPs / image | epochs | train s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for g in groups:
-        flops = g["flops_per_image"][0]
-        lines.append(f"| {g['label']} | {g['n']} | {_fmt(g['test/acc'])} | {_fmt(g['test/f1_macro'])} | "
-                     f"{_fmt(g['best_val/acc'])} | {_fmt(g['robustness/mean'])} | {g['params_trainable'][0]:,.0f} | "
-                     f"{'–' if math.isnan(flops) else f'{flops:,.0f}'} | {g['epochs'][0]:.1f} | "
-                     f"{g['train_seconds'][0]:.1f} |")
-    front = pareto_front(groups)
-    if len(groups) > 1 and front:
+             *markdown(["configuration", "n", *COLUMNS.values()], [
+                 [g["label"], g["n"], *(_pair(g, v) for v in list(COLUMNS)[:4]), f"{g['params_trainable']:,.0f}",
+                  "–" if pd.isna(g["flops_per_image"]) else f"{g['flops_per_image']:,.0f}", f"{g['epochs']:.1f}",
+                  f"{g['train_seconds']:.1f}"] for _, g in groups.iterrows()], "l" + "r" * 9)]
+    front = pareto_front(groups) if len(groups) > 1 else groups.iloc[:0]
+    if len(front):
         lines += ["", "Pareto front (no configuration is more accurate with as few trainable parameters): "
-                  + "; ".join(f"{g['label']} ({g['params_trainable'][0]:,.0f} params, {_fmt(g['test/acc'])})"
-                              for g in front) + "."]
+                  + "; ".join(f"{g['label']} ({g['params_trainable']:,.0f} params, {_pair(g, 'test/acc')})"
+                              for _, g in front.iterrows()) + "."]
     optuna = sweep_dir / "optimization_results.yaml"  # written by hydra-optuna-sweeper before this runs
-    if optuna.is_file():
-        best = OmegaConf.load(optuna)
-        if "best_params" in best:
-            lines += ["", f"Optuna's best trial (objective: best val acc = {best.best_value:.4f}): "
-                      + ", ".join(f"{k}={v}" for k, v in best.best_params.items()) + "."]
-    failed = [r for r in rows if r["status"] != "completed"]
-    if failed:
-        lines += ["", "## Jobs that did not complete", "", "| job | status | error |", "| --- | --- | --- |"]
-        lines += [f"| {r['job']} | {r['status']} | {r['error'].replace('|', '/').splitlines()[0]} |"
-                  for r in failed]
+    if optuna.is_file() and "best_params" in (best := OmegaConf.load(optuna)):
+        lines += ["", f"Optuna's best trial (objective: best val acc = {best.best_value:.4f}): "
+                  + ", ".join(f"{k}={v}" for k, v in best.best_params.items()) + "."]
+    failed = table[table["status"] != "completed"]
+    if len(failed):
+        lines += ["", "## Jobs that did not complete", "", *markdown(["job", "status", "error"], [
+            [r.job, r.status, str(r.error).replace("|", "/").splitlines()[0] if r.error else ""]
+            for r in failed.itertuples()], "lll")]
     return lines
 
 
-def _plots(sweep_dir: Path, groups: list[dict], varying: list[str], title: str) -> list[Path]:
+def _plots(sweep_dir: Path, table: pd.DataFrame, groups: pd.DataFrame, title: str) -> list[Path]:
     """The sweep's figures: accuracy against parameters and against FLOPs (where the runs counted them),
-    val curves, the train−val gap, robustness and, for a grid of two factors, the heatmap."""
+    the train−val gap, for a grid of two factors the heatmap, and from the job dirs (where they are) the
+    val curves and robustness, means over seeds."""
     files = [plot_acc_vs_params(groups, sweep_dir / "acc_vs_params.png", title=title, front=pareto_front(groups))]
-    counted = [g for g in groups if not math.isnan(g["flops_per_image"][0])]
-    if counted:
+    counted = groups.dropna(subset=["flops_per_image"])
+    if len(counted):
         files.append(plot_acc_vs_params(counted, sweep_dir / "acc_vs_flops.png", title=title, x="flops_per_image",
                                         front=pareto_front(counted, cost="flops_per_image")))
-    files.append(plot_val_curves(groups, sweep_dir / "val_curves.png", title=title))
     files.append(plot_train_val_gap(groups, sweep_dir / "train_val_gap.png", title=title))
-    robust = {g["label"]: g["robustness"] for g in groups if g["robustness"]}
-    if robust:
-        files.append(plot_robustness(robust, sweep_dir / "robustness.png", title=f"{title}: mean over seeds"))
+    varying = factors(table)
     if len(varying) == 2:
         files.append(plot_heatmap(groups, varying[0], varying[1], sweep_dir / "heatmap.png", title=title))
+    done = table[(table["status"] == "completed") & table["job"].map(lambda j: (sweep_dir / j).is_dir())]
+    jobs = {g["label"]: [Job.read(sweep_dir / j) for j in done.loc[matches(done, g[varying].to_dict()), "job"]]
+            for _, g in groups.iterrows()}
+    curves = {name: pd.concat([j.epochs[[c for c in ("val/acc", "val/loss") if c in j.epochs]] for j in members])
+              .groupby(level=0).mean() for name, members in jobs.items() if members}
+    if curves:
+        files.append(plot_val_curves(curves, sweep_dir / "val_curves.png", title=title))
+    robust = {name: {kind: {s: statistics.fmean(j.robustness[kind][s] for j in members) for s in strengths}
+                     for kind, strengths in members[0].robustness.items()}
+              for name, members in jobs.items() if members and members[0].robustness}
+    if robust:
+        files.append(plot_robustness(robust, sweep_dir / "robustness.png", title=f"{title}: mean over seeds"))
     return files
+
+
+class SweepCallback(Callback):
+    """Hydra callback of every multirun: a study's spec is checked before the first job (one line, exit
+    code 1); with jobs in worker processes (``+launcher=cpu_parallel``) a SIGTERM stops the workers too
+    (:func:`_stop_workers`) and the sweep exits 143 with its resume command; when the sweep ends,
+    the summary (and a study's ``report.md``) is written, and the exit code is 1 if a job failed."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        if config.get("study") is not None:
+            keys = {key for key, _, _ in parse_overrides(config.hydra.overrides.task)}
+            keys |= {k.lstrip("+~") for k in (OmegaConf.select(config, "hydra.sweeper.params") or {})}
+            try:
+                check_spec(OmegaConf.to_container(config.study, resolve=True), keys)
+            except ConfigError as e:
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(1)
+        if "joblib" in str(OmegaConf.select(config, "hydra.launcher._target_")):
+            sweep_dir = config.hydra.sweep.dir
+            signal.signal(signal.SIGTERM, lambda signum, frame: _stop_workers(sweep_dir))
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep_dir, study = Path(config.hydra.sweep.dir), config.get("study")
+        spec = OmegaConf.to_container(study, resolve=True) if study is not None else None
+        try:
+            result = write_summary(sweep_dir, title=f"study: {spec['name']}" if spec else None,
+                                   table=collect(sweep_dir, values_of(spec) if spec else ()))
+            print(f"sweep dir: {sweep_dir}")
+            print(f"summary: {sweep_dir / 'summary.md'} ({len(result['table'])} jobs)")
+            if spec:
+                print(f"report: {write_report(sweep_dir, spec, result['table'])}")
+        except Exception as e:  # noqa: BLE001 - reported, and the exit code says it
+            print(f"error: the sweep summary of {sweep_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)
+            sys.exit(1)
+        if result["failed"]:
+            print(f"{len(result['failed'])} of {len(result['table'])} jobs did not complete; "
+                  "their errors are in summary.md", file=sys.stderr)
+            sys.exit(1)
+
+
+def _stop_workers(sweep_dir: str) -> None:
+    """SIGTERM to every worker process; once each running job has recorded itself interrupted (a minute at
+    most), SIGKILL to the workers, which would otherwise wait for more jobs; then exit 143 with the command
+    that resumes the sweep."""
+    workers = multiprocessing.active_children()
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(
+            not (run.parent / "metrics.json").is_file() for run in Path(sweep_dir).rglob("config.yaml")
+            if run.parent.name != ".hydra"):
+        time.sleep(0.2)
+    for worker in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGKILL)
+    exit_with(RunInterrupted(f"stopped by SIGTERM; continue with: python -m mnist_lab.train -m resume={sweep_dir}",
+                             "SIGTERM"))

@@ -7,8 +7,6 @@ positive counter-clockwise as displayed; shifts in pixels, +x right, +y down; sc
 pixels from outside the image are 0 (background).
 """
 
-from __future__ import annotations
-
 import math
 
 import torch

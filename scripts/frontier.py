@@ -8,19 +8,19 @@ Usage:
 A network's forward FLOPs per image depend on its architecture alone, so each row's ``model`` preset
 gives them (``Classifier.flops_per_image``: torch's FLOP counter, a multiply-add is 2). The script fills
 the ``flops_per_image`` column of the summary (a summary older than that column lacks it) and draws the
-mean test accuracy over seeds with the Pareto front (``mnist_lab.sweep.pareto_front``); ``--records``
+mean test accuracy over seeds with the Pareto front (``mnist_lab.results.pareto_front``); ``--records``
 adds the record presets (docs/records.csv: one row per seed, their own recipes) as stars.
 """
 
 import argparse
-import csv
-import statistics
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from mnist_lab import Classifier, model_config
 from mnist_lab.plots import plot_acc_vs_params
-from mnist_lab.sweep import METRICS, aggregate, pareto_front
+from mnist_lab.results import aggregate, pareto_front, read_summary
 
 
 def main() -> int:
@@ -30,41 +30,28 @@ def main() -> int:
     parser.add_argument("--x", choices=("params_trainable", "flops_per_image"), default="params_trainable")
     parser.add_argument("--records", type=Path, help="docs/records.csv: the record presets' seeds, drawn as stars")
     args = parser.parse_args()
-    with open(args.summary_csv, newline="") as f:
-        reader = csv.DictReader(f)
-        table, columns = list(reader), list(reader.fieldnames or [])
-    flops = {name: Classifier(model_config(name)).flops_per_image() for name in {r["model"] for r in table}}
-    for r in table:
-        r["flops_per_image"] = flops[r["model"]]
-    if "flops_per_image" not in columns:
-        columns.insert(columns.index("error") if "error" in columns else len(columns), "flops_per_image")
-    with open(args.summary_csv, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(table)
-    rows = [{"status": r["status"], "architecture": r["architecture"], "factors": {"model": r["model"],
-             "seed": r["seed"]}, "history": {}, "robustness": {},
-             **{k: float(r[k]) if r.get(k) not in (None, "") else None for k in METRICS}} for r in table]
-    groups = aggregate(rows)
+    jobs = read_summary(args.summary_csv)
+    flops = {name: Classifier(model_config(name)).flops_per_image() for name in set(jobs["model"])}
+    jobs["flops_per_image"] = jobs["model"].map(flops)  # a summary older than that column lacks it
+    if "error" in jobs:
+        jobs = jobs[[c for c in jobs if c != "error"] + ["error"]]
+    jobs.to_csv(args.summary_csv, index=False, lineterminator="\r\n")
+    groups = aggregate(jobs)
     front = pareto_front(groups, cost=args.x)
     records = []
     if args.records:
-        with open(args.records, newline="") as f:
-            seeds = list(csv.DictReader(f))
-        for name in dict.fromkeys(r["record"] for r in seeds):
-            acc = [float(r["test_acc"]) for r in seeds if r["record"] == name]
-            first = next(r for r in seeds if r["record"] == name)
-            cost = int(first["params_trainable"]) if args.x == "params_trainable" else \
-                Classifier(model_config(first["preset"])).flops_per_image()
-            records.append({"label": f"{name} ({first['preset']}, {first['epochs']} ep)",
-                            "x": cost, "mean": statistics.fmean(acc),
-                            "std": statistics.stdev(acc) if len(acc) > 1 else 0.0})
+        seeds = pd.read_csv(args.records)
+        for (name, preset, epochs, params), acc in seeds.groupby(["record", "preset", "epochs", "params_trainable"],
+                                                                 sort=False)["test_acc"]:
+            cost = params if args.x == "params_trainable" else Classifier(model_config(preset)).flops_per_image()
+            records.append({"label": f"{name} ({preset}, {epochs} ep)", "x": cost, "mean": acc.mean(),
+                            "std": acc.std() if len(acc) > 1 else 0.0})
     what = {"params_trainable": "trainable parameters", "flops_per_image": "forward FLOPs per image"}[args.x]
     plot_acc_vs_params(groups, args.plot, title=f"frontier: test accuracy against {what} (3 seeds)", x=args.x,
                        front=front, records=records)
-    for g in sorted(groups, key=lambda g: g[args.x][0]):
-        mark = "  (Pareto front)" if g in front else ""
-        print(f"{g['label']:<16} {g[args.x][0]:>13,.0f}  test acc {g['test/acc'][0]:.4f}{mark}")
+    for _, g in groups.sort_values(args.x).iterrows():
+        mark = "  (Pareto front)" if g["label"] in set(front["label"]) else ""
+        print(f"{g['label']:<16} {g[args.x]:>13,.0f}  test acc {g['test/acc']:.4f}{mark}")
     print(f"wrote {args.summary_csv} (flops_per_image) and {args.plot}")
     return 0
 

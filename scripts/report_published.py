@@ -11,14 +11,14 @@ The published values come from each experiment's config (conf/experiment/publish
 """
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
+import pandas as pd
 from omegaconf import OmegaConf
 
 from mnist_lab.plots import plot_acc_vs_params
-from mnist_lab.sweep import aggregate, collect
+from mnist_lab.results import aggregate, collect
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -29,45 +29,39 @@ def main() -> int:
     parser.add_argument("--out", default=str(DOCS), help="folder for the table and plot (default: docs/)")
     args = parser.parse_args()
     sweep, out = Path(args.sweep_dir), Path(args.out)
-    rows = collect(sweep)
-    if not rows:
+    jobs = collect(sweep)
+    if jobs.empty:
         print(f"error: no jobs under {sweep}", file=sys.stderr)
         return 2
     published = {}
-    for r in rows:  # the published figures are in each job's resolved config
-        cfg = OmegaConf.load(sweep / r["job"] / "config.yaml") if (sweep / r["job"] / "config.yaml").is_file() else {}
-        published.setdefault(r["factors"].get("experiment"), OmegaConf.select(cfg, "published") or {})
-    groups = aggregate(rows)
+    for job, experiment in zip(jobs["job"], jobs["experiment"]):  # the published figures: each job's config
+        config = sweep / job / "config.yaml"
+        published.setdefault(experiment, OmegaConf.select(OmegaConf.load(config), "published") or {}
+                             if config.is_file() else {})
     multirun = OmegaConf.load(sweep / "multirun.yaml") if (sweep / "multirun.yaml").is_file() else {}
-    params = OmegaConf.select(multirun, "hydra.sweeper.params") or {}
-    listed = str(params.get("+experiment", "")).split(",")
-    groups.sort(key=lambda g: listed.index(g["factors"].get("experiment")) if g["factors"].get("experiment")
-                in listed else len(listed))  # the order of conf/sweep/published.yaml
+    listed = str((OmegaConf.select(multirun, "hydra.sweeper.params") or {}).get("+experiment", "")).split(",")
+    groups = aggregate(jobs).sort_values("experiment", key=lambda e: e.map(  # conf/sweep/published.yaml's order
+        lambda x: listed.index(x) if x in listed else len(listed)), kind="stable")
+    groups["published"] = groups["experiment"].map(lambda e: published.get(e, {}).get("test_acc"))
 
     lines = ["| experiment | trainable params | published test acc | ours: test acc (mean ± std) | n | "
              "ours − published | ours: macro-F1 | epochs run |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    reference = []
-    for g in groups:
-        name = g["factors"].get("experiment", g["label"])
-        pub = published.get(name, {})
-        (acc, std), params = g["test/acc"], g["params_trainable"][0]
-        pub_acc = pub.get("test_acc")
-        if pub_acc is not None:
-            reference.append((params, pub_acc))
-        shown = f"{pub_acc:.4f}" if pub_acc is not None else pub.get("note", "–")
-        diff = f"{acc - pub_acc:+.4f}" if pub_acc is not None and not math.isnan(acc) else "–"
-        lines.append(f"| {name} | {params:,.0f} | {shown} | {acc:.4f} ± {std:.4f} | {g['n']} | {diff} | "
-                     f"{g['test/f1_macro'][0]:.4f} | {g['epochs'][0]:.1f} |")
-    failed = [r for r in rows if r["status"] != "completed"]
-    if failed:
-        lines.append(f"\n{len(failed)} jobs did not complete: " + ", ".join(r["job"] for r in failed))
+    for _, g in groups.iterrows():
+        pub = g["published"]
+        shown = f"{pub:.4f}" if pd.notna(pub) else published.get(g["experiment"], {}).get("note", "–")
+        diff = f"{g['test/acc'] - pub:+.4f}" if pd.notna(pub) and pd.notna(g["test/acc"]) else "–"
+        lines.append(f"| {g['experiment']} | {g['params_trainable']:,.0f} | {shown} | {g['test/acc']:.4f} ± "
+                     f"{g['test/acc std']:.4f} | {g['n']} | {diff} | {g['test/f1_macro']:.4f} | {g['epochs']:.1f} |")
+    failed = jobs[jobs["status"] != "completed"]
+    if len(failed):
+        lines.append(f"\n{len(failed)} jobs did not complete: " + ", ".join(failed["job"]))
     out.mkdir(parents=True, exist_ok=True)
     table = "\n".join(lines) + "\n"
     (out / "published_results.md").write_text(table)
-    for g in groups:
-        g["label"] = g["factors"].get("experiment", g["label"]).removeprefix("published_")
-    plot_acc_vs_params(groups, out / "published_acc_vs_params.png", reference=reference,
+    reference = list(groups.dropna(subset=["published"])[["params_trainable", "published"]].itertuples(index=False))
+    plot_acc_vs_params(groups.assign(label=groups["experiment"].str.removeprefix("published_")),
+                       out / "published_acc_vs_params.png", reference=[tuple(r) for r in reference],
                        title="mnist_lab (mean ± std over seeds) vs published results")
     print(table)
     print(f"wrote {out / 'published_results.md'} and {out / 'published_acc_vs_params.png'}")

@@ -1,41 +1,83 @@
-"""Shared fixtures: small synthetic MNIST-format datasets written as IDX files, and the real data."""
+"""Shared helpers and fixtures: the commands run in this process (:func:`cli`) or, where a process of
+their own is the point (SIGKILL, DDP, a sweep that relaunches itself), in a subprocess (:func:`run_module`);
+small synthetic MNIST-format datasets written as IDX files; trained runs shared by the session; the real data."""
 
 from __future__ import annotations
 
-import json
+import contextlib
+import importlib
+import io
+import logging
 import os
+import signal
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
+from hydra.core.global_hydra import GlobalHydra
 
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
-def run_module(module: str, args, data_root, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
+class Answer(NamedTuple):
+    """What a command line gave: its exit code and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cli(module: str, *args, data_root=None, cwd=None, env: dict | None = None) -> Answer:
+    """``python -m <module> <args>`` run in this process through the command's ``main()``, with
+    ``MNIST_LAB_DATA=data_root``, in ``cwd``: its exit code (0, or ``SystemExit``'s; 1 and the traceback
+    for an uncaught error, as Python's) and what it printed. A fresh interpreter costs seconds of imports."""
+    saved = sys.argv, dict(os.environ), os.getcwd(), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    os.environ.update({**({"MNIST_LAB_DATA": str(data_root)} if data_root else {}), **(env or {})})
+    sys.argv = [module, *map(str, args)]
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        os.chdir(cwd or os.getcwd())
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                importlib.import_module(module).main()
+                code = 0
+            except SystemExit as e:  # what the command line sees: the exit code
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            except Exception:  # noqa: BLE001 - an uncaught error: Python prints it and exits with 1
+                traceback.print_exc(file=err)
+                code = 1
+    finally:
+        sys.argv = saved[0]
+        os.environ.clear()
+        os.environ.update(saved[1])
+        os.chdir(saved[2])
+        signal.signal(signal.SIGINT, saved[3])  # Lightning ignores SIGINT once it handled one
+        signal.signal(signal.SIGTERM, saved[4])
+        GlobalHydra.instance().clear()
+        for handler in root.handlers:
+            if handler not in handlers:
+                handler.close()
+        root.handlers[:], root.level = handlers, level
+    return Answer(code, out.getvalue(), err.getvalue())
+
+
+def run_module(module: str, args, data_root, cwd, timeout: int = 600, env: dict | None = None
+               ) -> subprocess.CompletedProcess:
     """``python -m <module> <args>`` in a subprocess with ``MNIST_LAB_DATA=data_root`` and ``tests/`` on
     ``PYTHONPATH`` (so configs can name ``probes.*`` callbacks); returns the finished process."""
     path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "MNIST_LAB_DATA": str(data_root), "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+    env = {**os.environ, "MNIST_LAB_DATA": str(data_root), "PYTHONWARNINGS": "ignore", "PYTHONPATH": path,
+           "TQDM_DISABLE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def run_cases(cases: list[dict], cwd) -> list[dict]:
-    """Command lines ``{"module", "args", "env"}`` run one after another in one subprocess, each through its
-    command's ``main()`` (``tests/cli_cases.py``): ``[{"code", "stdout", "stderr"}]``, one per case."""
-    spec, results = Path(cwd) / "cases.json", Path(cwd) / "results.json"
-    spec.write_text(json.dumps(cases))
-    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
-    proc = subprocess.run([sys.executable, str(REPO / "tests" / "cli_cases.py"), str(spec), str(results)], cwd=cwd,
-                          env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(results.read_text())
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -99,3 +141,16 @@ def real_root() -> Path:
     if root is None:
         pytest.skip("real MNIST not found (set MNIST_LAB_DATA or put it in ../shared/data)")
     return root
+
+
+@pytest.fixture(scope="session")
+def fc_run(synthetic_root, tmp_path_factory) -> tuple[Path, dict]:
+    """A briefly trained fc (2 epochs of 2 batches of 16: above chance, below 100 %) with the whole
+    evaluation suite and its plots, tested on its last checkpoint: its run dir and metrics.json. Shared by
+    the tests that read a trained run; none of them changes it."""
+    from mnist_lab import load_config, train
+
+    out = tmp_path_factory.mktemp("fc_run") / "run"
+    cfg = load_config(["model=fc", f"data.root={synthetic_root}", "trainer.max_epochs=2",
+                       "trainer.limit_train_batches=2", "data.batch_size=16", "test_ckpt=last", *QUIET])
+    return out, train(cfg, out)

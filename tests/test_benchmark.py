@@ -1,8 +1,7 @@
 """Speed tooling: the benchmark script runs end to end, and the fast path computes the plain loop's math."""
 
 import json
-import os
-import subprocess
+import runpy
 import sys
 from functools import partial
 
@@ -10,20 +9,18 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 
 from mnist_lab import Classifier, MNISTDataModule, build_model
 from mnist_lab.transforms import to_unit
 
-REPO_SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
 
-
-def test_benchmark_script_runs_and_writes_every_field(synthetic_root, tmp_path):
+def test_benchmark_script_runs_and_writes_every_field(synthetic_root, tmp_path, monkeypatch, capsys):
     out = tmp_path / "benchmark.json"
-    proc = subprocess.run([sys.executable, os.path.join(REPO_SCRIPTS, "benchmark.py"), "--models", "fc", "conv2",
-                           "--batch-sizes", "16", "--epochs", "2", "--repeats", "2", "--train-images", "160",
-                           "--data-root", str(synthetic_root), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--models", "fc", "conv2", "--batch-sizes", "16", "--epochs", "2",
+                                      "--repeats", "2", "--train-images", "160", "--data-root", str(synthetic_root),
+                                      "--out", str(out)])
+    assert runpy.run_path(str(REPO / "scripts" / "benchmark.py"))["main"]() == 0  # the script's main, in this process
     result = json.loads(out.read_text())
     assert {"device", "torch", "lightning", "threads", "precision", "epochs", "repeats", "rows"} <= set(result)
     # the package's default steps_per_execution (auto): 2048 images a step at batch 16 is 128, at most 32
@@ -34,7 +31,7 @@ def test_benchmark_script_runs_and_writes_every_field(synthetic_root, tmp_path):
         assert [len(r) for r in row["plain_epoch_seconds"]] == [len(r) for r in row["fit_epoch_seconds"]] == [2, 2]
         assert row["ratio"] == pytest.approx(row["fit_images_per_s"] / row["plain_images_per_s"], abs=1e-3)
         assert row["plain_first_step_loss"] == pytest.approx(2.3, abs=0.5)  # ln(10) at initialisation
-    assert "ratio" in proc.stdout
+    assert "ratio" in capsys.readouterr().out
 
 
 def test_fast_path_gives_the_plain_loops_loss_on_the_same_batch(synthetic_root):

@@ -3,16 +3,13 @@ figures 0.2.0 recorded, in every command and in ``load_from_checkpoint``; the na
 still work, with a warning; the package installs from a wheel with its configs."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, write_synthetic_mnist
+from conftest import REPO, cli, write_synthetic_mnist
 from PIL import Image
 
 import mnist_lab
@@ -43,13 +40,8 @@ def test_a_0_2_checkpoint_gives_the_figures_0_2_recorded(old):
 
 def test_a_0_2_checkpoint_works_in_every_command(old, tmp_path):
     ckpt, recorded, root = old
-    env = {"MNIST_LAB_DATA": str(root), "PYTHONWARNINGS": "ignore"}
-    cli = shutil.which("mnist-lab", path=str(Path(sys.executable).parent)) or pytest.skip("no console script: "
-                                                                                         "pip install -e .")
-
-    def run(*args):
-        proc = subprocess.run([cli, *map(str, args)], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, **env})
+    def run(*args):  # the console script's function (mnist-lab COMMAND ...), in this process
+        proc = cli("mnist_lab.cli", *args, data_root=root, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc.stdout
 

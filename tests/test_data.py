@@ -222,14 +222,15 @@ def copy_root(tmp_path):
 def test_wrong_magic_number_is_reported(copy_root):
     f = copy_root / "MNIST" / "raw" / "train-images-idx3-ubyte"
     f.write_bytes(b"\x00\x00\x08\x01" + f.read_bytes()[4:])
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte is not an IDX images file: magic number 2049"):
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte is not a whole IDX images file: 78416 bytes "
+                                        r"\(torchvision: .*\)\. Replace it with the original file"):
         datamodule(copy_root)
 
 
 def test_truncated_file_is_reported(copy_root):
     f = copy_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
     f.write_bytes(f.read_bytes()[:-100])
-    needs = r"corrupt or truncated: 15596 bytes, but its header \(20, 28, 28\) needs 15696"
+    needs = r"not a whole IDX images file: 15596 bytes \(torchvision: shape '\[20, 28, 28\]' is invalid for input"
     with pytest.raises(DataError, match=needs):
         datamodule(copy_root)
 

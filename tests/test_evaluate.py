@@ -2,14 +2,11 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, centroid
+from conftest import centroid, cli
 from PIL import Image
 from torchvision.transforms.v2.functional import resize
 
@@ -105,13 +102,9 @@ def test_error_analysis_per_class_and_confused_pairs():
 
 
 # ---------------------------------------------------------------- evaluate a trained run
-@pytest.fixture(scope="module")
-def trained_run(synthetic_root, tmp_path_factory):
-    """A briefly trained fc (2 epochs of 2 batches: well above chance, below 100 %)."""
-    out = tmp_path_factory.mktemp("run")
-    cfg = load_config(["model=fc", f"data.root={synthetic_root}", "trainer.max_epochs=2",
-                       "trainer.limit_train_batches=2", "data.batch_size=16", "test_ckpt=last", *QUIET])
-    return out, train(cfg, out)
+@pytest.fixture
+def trained_run(fc_run):
+    return fc_run
 
 
 def test_train_runs_the_suite_and_evaluate_reproduces_its_test_metrics(trained_run, tmp_path):
@@ -134,15 +127,17 @@ def test_train_runs_the_suite_and_evaluate_reproduces_its_test_metrics(trained_r
 
 def test_evaluate_cli_on_a_run_dir(trained_run, tmp_path):
     out, metrics = trained_run
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "mnist_lab.evaluate", f"run_dir={out}", f"output_dir={tmp_path}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = cli("mnist_lab.evaluate", f"run_dir={out}", f"output_dir={tmp_path}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"test/acc: {metrics['test/acc']:.4f}" in proc.stdout
     assert json.loads((tmp_path / "evaluation.json").read_text())["test/acc"] == pytest.approx(metrics["test/acc"])
-    bad = subprocess.run([sys.executable, "-m", "mnist_lab.evaluate", f"ckpt_path={out / 'metrics.json'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    bad = cli("mnist_lab.evaluate", f"ckpt_path={out / 'metrics.json'}", cwd=tmp_path)
     assert bad.returncode == 2 and "is not a PyTorch checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+    for value, shown in (("maybe", "'maybe'"), ("1", "1")):  # not a boolean: one line, before any work
+        bad = cli("mnist_lab.evaluate", f"run_dir={out}", f"output_dir={tmp_path / 'never'}", f"tta={value}")
+        assert bad.returncode == 2, bad.stderr
+        assert bad.stderr.strip() == f"error: tta must be true or false, got {shown} (e.g. tta=true)"
+        assert not (tmp_path / "never").exists()
 
 
 def test_robustness_of_a_model_on_the_same_seed_is_repeatable(trained_run):
@@ -244,19 +239,16 @@ def test_predict_classifies_image_files_in_any_form_and_reports_bad_files(synthe
     assert rows["empty.png"]["error"] == "empty file (0 bytes)"
     assert "blank" in rows["blank.png"]["error"] and rows["blank.png"]["prediction"] is None
 
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "mnist_lab.predict", f"ckpt_path={ckpt}",
-                           f"inputs={digits}", f"output_csv={tmp_path / 'p.csv'}"],  # a folder: the files in it
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = cli("mnist_lab.predict", f"ckpt_path={ckpt}", f"inputs={digits}", f"output_csv={tmp_path / 'p.csv'}",
+               cwd=tmp_path)  # a folder: the files in it
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = {line.split()[0].rsplit("/", 1)[-1]: line for line in proc.stdout.splitlines() if ".png" in line}
     assert lines["paper_7.png"].split()[1] == "7" and "error: empty file" in lines["empty.png"]
     assert "3 of 23 files could not be classified" in proc.stderr
     assert len((tmp_path / "p.csv").read_text().splitlines()) == 24
     # none classified: the table says why for each file, then one error line and exit code 2
-    bad = subprocess.run([sys.executable, "-m", "mnist_lab.predict", f"ckpt_path={ckpt}",
-                          f"inputs=[{digits / 'broken.png'},{digits / 'empty.png'}]"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    bad = cli("mnist_lab.predict", f"ckpt_path={ckpt}", f"inputs=[{digits / 'broken.png'},{digits / 'empty.png'}]",
+              cwd=tmp_path)
     assert bad.returncode == 2 and "error: empty file" in bad.stdout
     assert bad.stderr.strip().splitlines()[-1].startswith("error: none of the 2 files could be classified")
 
@@ -268,10 +260,8 @@ def test_evaluate_several_checkpoints_reports_each_and_their_ensemble(synthetic_
                            "trainer.limit_train_batches=3", "eval.full=false", f"seed={seed}", *QUIET])
         train(cfg, tmp_path / f"seed{seed}")
         runs.append(tmp_path / f"seed{seed}")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MNIST_LAB_DATA": str(synthetic_root)}
-    proc = subprocess.run([sys.executable, "-m", "mnist_lab.evaluate", f"run_dir=[{','.join(map(str, runs))}]",
-                           f"output_dir={tmp_path / 'ens'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = cli("mnist_lab.evaluate", f"run_dir=[{','.join(map(str, runs))}]", f"output_dir={tmp_path / 'ens'}",
+               data_root=synthetic_root, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "ens" / "ensemble.json").read_text())
     # by hand: the mean of the three models' softmax probabilities on the 100 test images

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import QUIET, run_module, synthetic_digits
+from conftest import QUIET, cli, synthetic_digits
 from PIL import Image
 from test_models import families, stated_parameters
 from torch import nn
@@ -23,10 +23,9 @@ def test_a_family_trains_resumes_evaluates_and_predicts(preset, synthetic_root, 
     run = tmp_path / "run"
     kill = [f"+callbacks.kill.{k}={v}" for k, v in
             (("_target_", "probes.SignalAt"), ("epoch", 1), ("batch", 2), ("signal", "SIGTERM"))]
-    proc = run_module("mnist_lab.train", [f"model={preset}", *SHORT, *kill, f"hydra.run.dir={run}"], synthetic_root,
-                      tmp_path)
+    proc = cli("mnist_lab.train", f"model={preset}", *SHORT, *kill, f"hydra.run.dir={run}", data_root=synthetic_root)
     assert proc.returncode == 143, proc.stderr[-3000:]
-    proc = run_module("mnist_lab.train", [f"resume={run}"], synthetic_root, tmp_path)
+    proc = cli("mnist_lab.train", f"resume={run}", data_root=synthetic_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert (metrics["status"], metrics["model"], metrics["epochs"]) == ("completed", preset, 2)

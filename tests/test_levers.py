@@ -34,7 +34,7 @@ def test_label_smoothing_changes_the_training_loss_alone():
     x, y = torch.rand(6, 1, 28, 28), torch.tensor([0, 1, 2, 3, 4, 9])
     logp = model(x).log_softmax(1)
     by_hand = -(0.9 * logp[torch.arange(6), y] + 0.1 / 10 * logp.sum(1)).mean()
-    assert float(model._train_loss((x, y)).detach()) == pytest.approx(float(by_hand), rel=1e-6)
+    assert float(model.train_loss((x, y)).detach()) == pytest.approx(float(by_hand), rel=1e-6)
     plain = -logp[torch.arange(6), y].mean()
     assert float(model.model_step((x, y))[0]) == pytest.approx(float(plain), rel=1e-6)
     assert float(by_hand) != pytest.approx(float(plain), rel=1e-3)
@@ -91,12 +91,10 @@ def test_shift_pixels_moves_whole_pixels_and_fills_with_background():
     assert torch.equal(shift_pixels(x, 0, 0), x)
 
 
-def test_test_time_augmentation_averages_the_shifted_views_and_is_chosen_on_validation(synthetic_root, tmp_path,
+def test_test_time_augmentation_averages_the_shifted_views_and_is_chosen_on_validation(fc_run, synthetic_root,
                                                                                         monkeypatch):
-    cfg = load_config(["model=fc", f"data.root={synthetic_root}", "trainer.max_epochs=1", "eval.full=false",
-                       "trainer.limit_train_batches=3", *QUIET])
-    train(cfg, tmp_path / "run")
-    ckpt = tmp_path / "run" / "checkpoints" / "best.ckpt"
+    run, metrics = fc_run
+    ckpt = run / metrics["test_ckpt"]
     calls = []
     monkeypatch.setattr(evaluate_module, "predict", lambda *a: calls.append(1) or predict(*a))
     everything = evaluate_ensemble([ckpt], data_root=synthetic_root, tta=True)

@@ -12,9 +12,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from mnist_lab import MNISTDataModule, model_config
 from mnist_lab.errors import ConfigError
 from mnist_lab.evaluate import predict
-from mnist_lab.evaluation import EvaluationSuite
 from mnist_lab.metrics import error_analysis
 from mnist_lab.module import Classifier
+from mnist_lab.suite import EvaluationSuite
 
 
 class LogitsFromPixels(nn.Module):

@@ -4,7 +4,7 @@ through scripts/run_notebooks.py, and show what each promises."""
 import sys
 
 import pytest
-from conftest import QUIET, REPO, run_module
+from conftest import QUIET, REPO, cli
 
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -58,7 +58,7 @@ def test_results_notebook_reads_the_committed_frontier_and_a_sweep(quick, synthe
     sweep = quick / "sweep"
     args = ["-m", "model.depth=1,2", "trainer.max_epochs=2", "trainer.limit_train_batches=3", "eval.full=false",
             "plots=false", *QUIET, f"hydra.sweep.dir={sweep}"]
-    proc = run_module("mnist_lab.train", args, synthetic_root, quick)
+    proc = cli("mnist_lab.train", *args, data_root=synthetic_root, cwd=quick)
     assert proc.returncode == 0, proc.stderr[-2000:]
     monkeypatch.setenv("MNIST_LAB_SWEEP", str(sweep))
     nb = execute(REPO / "notebooks" / "03_results_analysis.ipynb", quick / "03.ipynb")

@@ -3,11 +3,12 @@ checkpoints from anyone are loaded safely (nothing in them can run code)."""
 
 import json
 import os
+import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import QUIET, run_module, synthetic_digits
+from conftest import QUIET, cli, synthetic_digits
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -42,7 +43,7 @@ def outside(tmp_path, monkeypatch):
     (tmp_path / "code" / "tinynet.py").write_text(textwrap.dedent(TINYNET))
     (tmp_path / "conf" / "model").mkdir(parents=True)
     (tmp_path / "conf" / "model" / "tinynet.yaml").write_text("_target_: tinynet.TinyNet\nhidden: 16\n")
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "code"))
+    monkeypatch.syspath_prepend(str(tmp_path / "code"))
     return [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "model=tinynet"]
 
 
@@ -51,18 +52,17 @@ def test_a_net_from_outside_the_package_trains_resumes_evaluates_predicts_and_sw
     run = tmp_path / "run"
     kill = [f"+callbacks.kill.{k}={v}" for k, v in
             (("_target_", "probes.SignalAt"), ("epoch", 1), ("batch", 5), ("signal", "SIGTERM"))]
-    proc = run_module("mnist_lab.train", [*outside, *kill, "trainer.max_epochs=3", "optimizer.lr=0.01",
-                                          f"hydra.run.dir={run}", *QUIET], synthetic_root, tmp_path)
+    proc = cli("mnist_lab.train", *outside, *kill, "trainer.max_epochs=3", "optimizer.lr=0.01", f"hydra.run.dir={run}",
+               *QUIET, data_root=synthetic_root)
     assert proc.returncode == 143, proc.stderr[-3000:]
-    proc = run_module("mnist_lab.train", [f"resume={run}"], synthetic_root, tmp_path)
+    proc = cli("mnist_lab.train", f"resume={run}", data_root=synthetic_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["epochs"] == 3 and metrics["model"] == "TinyNet"
     assert metrics["params_trainable"] == (49 * 16 + 16) + (16 * 10 + 10)  # 970
     assert metrics["test/acc"] > 0.6 and "robustness/mean" in metrics  # it learned; the suite ran
 
-    proc = run_module("mnist_lab.evaluate", [f"run_dir={run}", f"output_dir={tmp_path / 'eval'}"], synthetic_root,
-                      tmp_path)
+    proc = cli("mnist_lab.evaluate", f"run_dir={run}", f"output_dir={tmp_path / 'eval'}", data_root=synthetic_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"test/acc: {metrics['test/acc']:.4f}" in proc.stdout
 
@@ -70,21 +70,18 @@ def test_a_net_from_outside_the_package_trains_resumes_evaluates_predicts_and_sw
     digits.mkdir()
     for i, image in enumerate(synthetic_digits(5, seed=7)[0]):
         Image.fromarray(image).save(digits / f"{i}.png")
-    proc = run_module("mnist_lab.predict", [f"ckpt_path={run / metrics['test_ckpt']}", f"inputs={digits}"],
-                      synthetic_root, tmp_path)
+    proc = cli("mnist_lab.predict", f"ckpt_path={run / metrics['test_ckpt']}", f"inputs={digits}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = {line.split()[0].rsplit("/", 1)[-1]: int(line.split()[1]) for line in proc.stdout.splitlines()
                if ".png" in line}
-    monkeypatch.syspath_prepend(str(tmp_path / "code"))  # the checkpoint alone, in this process
     model = Classifier.load_from_checkpoint(run / metrics["test_ckpt"]).eval()
     with torch.no_grad():
         expected = model(to_unit(torch.stack([load_image(digits / f"{i}.png") for i in range(5)]))).argmax(1)
     assert printed == {f"{i}.png": int(c) for i, c in enumerate(expected)}
 
     sweep = tmp_path / "sweep"
-    proc = run_module("mnist_lab.train", ["-m", *outside, "model.hidden=8,16", "trainer.max_epochs=1",
-                                          "eval.full=false", f"hydra.sweep.dir={sweep}", *QUIET], synthetic_root,
-                      tmp_path)
+    proc = cli("mnist_lab.train", "-m", *outside, "model.hidden=8,16", "trainer.max_epochs=1", "eval.full=false",
+               f"hydra.sweep.dir={sweep}", *QUIET, data_root=synthetic_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = (sweep / "summary.csv").read_text()
     assert ",490," in summary and ",970," in summary  # hidden 8 and 16: 392 + 8 + 80 + 10, and 970
@@ -92,12 +89,12 @@ def test_a_net_from_outside_the_package_trains_resumes_evaluates_predicts_and_sw
 
 def test_without_the_nets_module_a_checkpoint_says_what_is_missing(outside, synthetic_root, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    proc = run_module("mnist_lab.train", [*outside, "trainer.max_epochs=1", "eval.full=false",
-                                          f"hydra.run.dir={run}", *QUIET], synthetic_root, tmp_path)
+    proc = cli("mnist_lab.train", *outside, "trainer.max_epochs=1", "eval.full=false", f"hydra.run.dir={run}", *QUIET,
+               data_root=synthetic_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    monkeypatch.delenv("PYTHONPATH")
-    proc = run_module("mnist_lab.evaluate", [f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}"], synthetic_root,
-                      tmp_path)
+    monkeypatch.undo()  # the nets' module leaves the path
+    sys.modules.pop("tinynet", None)
+    proc = cli("mnist_lab.evaluate", f"ckpt_path={run / 'checkpoints' / 'best.ckpt'}", data_root=synthetic_root)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: model._target_=tinynet.TinyNet cannot be imported" in proc.stderr
     assert "put its module on PYTHONPATH" in proc.stderr
@@ -153,7 +150,7 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_never_runs(comm
     args = {"evaluate": ("mnist_lab.evaluate", [f"ckpt_path={ckpt}"]),
             "predict": ("mnist_lab.predict", [f"ckpt_path={ckpt}", f"inputs={tmp_path / 'digit.png'}"]),
             "resume": ("mnist_lab.train", [f"resume={run}"])}[command]
-    proc = run_module(*args, synthetic_root, tmp_path)
+    proc = cli(args[0], *args[1], data_root=synthetic_root, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: refused {ckpt}: loading it would call Python code (io.open)" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -170,8 +167,7 @@ def test_a_checkpoint_config_naming_other_code_is_refused(synthetic_root, tmp_pa
     net = {"_target_": "subprocess.Popen", "args": ["touch", str(marker)]}
     torch.save({"state_dict": {}, "hyper_parameters": {"net": net}, "datamodule_hyper_parameters": {}},
                tmp_path / "config_attack.ckpt")
-    proc = run_module("mnist_lab.evaluate", [f"ckpt_path={tmp_path / 'config_attack.ckpt'}"], synthetic_root,
-                      tmp_path)
+    proc = cli("mnist_lab.evaluate", f"ckpt_path={tmp_path / 'config_attack.ckpt'}", data_root=synthetic_root)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "error: model._target_=subprocess.Popen is not a torch.nn.modules.module.Module class" in proc.stderr
     assert not marker.exists()

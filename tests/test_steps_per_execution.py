@@ -146,3 +146,29 @@ def test_divergence_is_caught_inside_a_group_and_bad_values_are_refused(syntheti
     cfg = load_config(["steps_per_execution=0", f"data.root={synthetic_root}", *QUIET])
     with pytest.raises(ConfigError, match="steps_per_execution=0 must be a positive integer, e.g. 8, or auto"):
         train(cfg, tmp_path / "bad0")
+
+
+def test_the_one_lightning_internal_is_where_mnist_lab_reads_it(synthetic_root, tmp_path):
+    """mnist_lab/lightning_internals.py: the fit loop's count of training steps, which Lightning exposes no
+    public way to set. A release that moves it fails here, by name, before any equivalence test does."""
+    import lightning as L
+
+    from mnist_lab import Classifier, MNISTDataModule, build_model
+    from mnist_lab.lightning_internals import steps_counted
+    from mnist_lab.steps import every_n_train_steps
+
+    trainer = L.Trainer(max_steps=7, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    try:
+        trainer.fit(Classifier(build_model("fc"), steps_per_execution=1), MNISTDataModule(root=synthetic_root))
+        counted = steps_counted(trainer)
+    except AttributeError as e:
+        pytest.fail(f"lightning {L.__version__} moved the fit loop's step count ({e}): update "
+                    "mnist_lab/lightning_internals.py and the lightning bound in pyproject.toml")
+    assert counted == trainer.global_step == 7  # K = 1: one training step per optimizer step
+    # the public routes it stands beside: a checkpoint's every_n_train_steps from its state_key
+    from datetime import timedelta
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    assert every_n_train_steps(ModelCheckpoint(every_n_train_steps=24)) == 24
+    assert every_n_train_steps(ModelCheckpoint(train_time_interval=timedelta(seconds=5))) == 0

@@ -10,13 +10,15 @@ import statistics
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
-from conftest import QUIET, run_module
+from conftest import QUIET, REPO, cli
 from omegaconf import OmegaConf
 from scipy import stats
 
 from mnist_lab.errors import ConfigError
-from mnist_lab.study import check_spec, compare, matches
+from mnist_lab.results import Job, job_value, matches, read_summary
+from mnist_lab.study import check_spec, compare, values_of, write_report
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "study"
 FAST = ["trainer.max_epochs=2", "trainer.limit_train_batches=3",  # one-cycle needs >= 3 steps per epoch
@@ -91,9 +93,10 @@ def test_welch_and_one_sample_statistics_match_the_textbook_formulas():
 
 
 def test_a_selector_matches_overrides_as_written_in_yaml():
-    factors = {"model.batchnorm": "true", "optimizer.lr": "0.01", "seed": "0"}
-    assert matches(factors, {"model.batchnorm": True, "optimizer.lr": 0.01})
-    assert not matches(factors, {"model.batchnorm": "false"})
+    jobs = pd.DataFrame({"model.batchnorm": ["true", "false"], "optimizer.lr": ["0.01", "0.01"], "seed": ["0", "0"]})
+    assert matches(jobs, {"model.batchnorm": True, "optimizer.lr": 0.01}).tolist() == [True, False]
+    assert matches(jobs, {"model.batchnorm": "false"}).tolist() == [False, True]
+    assert not matches(jobs, {"model.width": "2"}).any()  # a key the sweep does not set
 
 
 @pytest.mark.parametrize("name", STUDIES)
@@ -102,8 +105,8 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
     extra = {"augmentation": ["eval.max_images=100"],  # validations and records within 3 steps an epoch:
              "dynamics": ["trainer.max_epochs=5", "trainer.val_check_interval=1", "callbacks.dynamics.every_n_steps=2"],
              }.get(name, [])
-    proc = run_module("mnist_lab.train", [f"+study={name}", *FAST, *extra, f"hydra.sweep.dir={sweep}"],
-                      synthetic_root, tmp_path)
+    proc = cli("mnist_lab.train", f"+study={name}", *FAST, *extra, f"hydra.sweep.dir={sweep}", data_root=synthetic_root,
+               cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"report: {sweep / 'report.md'}" in proc.stdout
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
@@ -137,7 +140,8 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
     assert len(table) == len(configs)
 
     def members(selector):
-        return [job for job, factors in jobs.items() if matches(factors, selector)]
+        text = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in selector.items()}
+        return [job for job, factors in jobs.items() if all(factors.get(k) == v for k, v in text.items())]
 
     # the table: mean ± sample std (n) of every column, per configuration, from the run dirs
     checked = 0
@@ -206,8 +210,8 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
 
 def test_a_bad_study_spec_stops_the_sweep_before_training_with_one_line(synthetic_root, tmp_path):
     sweep = tmp_path / "study"
-    proc = run_module("mnist_lab.train", ["+study=depth", "study.columns=[test/accuracy]", *FAST,
-                                          f"hydra.sweep.dir={sweep}"], synthetic_root, tmp_path)
+    proc = cli("mnist_lab.train", "+study=depth", "study.columns=[test/accuracy]", *FAST, f"hydra.sweep.dir={sweep}",
+               data_root=synthetic_root, cwd=tmp_path)
     assert proc.returncode == 1
     assert "error: study depth: unknown value 'test/accuracy'; use one of params_trainable, test/acc" in proc.stderr
     assert not list(sweep.glob("*/metrics.json"))  # no job ran
@@ -222,10 +226,28 @@ def test_a_bad_study_spec_stops_the_sweep_before_training_with_one_line(syntheti
 
 def test_a_narrowed_study_reports_the_comparisons_it_cannot_make(synthetic_root, tmp_path):
     sweep = tmp_path / "study"
-    proc = run_module("mnist_lab.train", ["+study=depth", "model.depth=0,2", "seed=0,1", *FAST,
-                                          f"hydra.sweep.dir={sweep}"], synthetic_root, tmp_path)
+    proc = cli("mnist_lab.train", "+study=depth", "model.depth=0,2", "seed=0,1", *FAST, f"hydra.sweep.dir={sweep}",
+               data_root=synthetic_root, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = (sweep / "report.md").read_text()
     assert "model.depth ∈ {0, 2}; seeds 0, 1: 4 jobs, 4 completed" in report
     assert report.count("| not in this sweep |") == 3  # every comparison needs depth 1 or 3
     assert "Headline: depth=1 against depth=0, test acc: not in this sweep." in report
+
+
+@pytest.mark.parametrize("name", sorted(p.parent.name for p in (REPO / "docs" / "studies").glob("*/summary.csv")))
+def test_a_committed_report_regenerates_from_its_summary_csv(name, tmp_path):
+    """The committed report's tables, comparisons and answer, made again from its summary.csv alone, are the
+    committed text to the character (the figures need the run dirs; a study whose values need the runs'
+    history, which summary.csv did not keep before this version, cannot be regenerated from it)."""
+    folder = REPO / "docs" / "studies" / name
+    table = read_summary(folder / "summary.csv")
+    spec = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml").study, resolve=True)
+    missing = [m for m in values_of(spec) if job_value(Job.from_row(table.iloc[0]), m) is None]
+    if missing:
+        pytest.skip(f"{name} reads values of the runs' history, not in its summary.csv: {', '.join(missing)}")
+    write_report(tmp_path, spec, table)
+
+    def body(report: Path) -> list[str]:
+        return [line for line in report.read_text().split("## Results")[1].splitlines() if line and line[0] != "!"]
+    assert body(tmp_path / "report.md") == body(folder / "report.md")

@@ -3,22 +3,27 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from conftest import QUIET, cli
 from omegaconf import OmegaConf
 
-from mnist_lab.sweep import METRICS, aggregate, mean_std, pareto_front, write_summary
+from mnist_lab.results import aggregate, config_label, pareto_front, read_summary
+from mnist_lab.sweep import write_summary
 
-FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3"]
+FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "plots=false"]
 
 
 def multirun(args, data_root, sweep_dir, tmp_path):
-    env = {**os.environ, "MNIST_LAB_DATA": str(data_root), "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, "-m", "mnist_lab.train", *args, f"hydra.sweep.dir={sweep_dir}"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    """``python -m mnist_lab.train ARGS hydra.sweep.dir=SWEEP_DIR``, through its main() in this process."""
+    return cli("mnist_lab.train", *args, f"hydra.sweep.dir={sweep_dir}", "trainer.enable_progress_bar=false",
+               data_root=data_root, cwd=tmp_path)
 
 
 def read_csv(path):
@@ -51,6 +56,13 @@ def test_a_2x2_grid_gives_4_named_job_dirs_a_summary_and_plots(synthetic_root, t
     assert "Pareto front (no configuration is more accurate with as few trainable parameters): " in md
     assert {r["architecture"] for r in read_csv(sweep / "summary.csv")} == {"ConvNet"}
     assert f"summary: {sweep / 'summary.md'} (4 jobs)" in proc.stdout
+    assert not any("enable_progress_bar" in j or "progress" in r for j, r in zip(jobs, rows))  # display only
+    assert "enable_progress_bar" not in md
+    # summary.csv alone gives summary.md back, every figure of it
+    again = tmp_path / "again" / sweep.name
+    again.mkdir(parents=True)
+    write_summary(again, table=read_summary(sweep / "summary.csv"))
+    assert (again / "summary.md").read_text() == md
 
 
 def test_a_failing_job_does_not_stop_the_sweep_and_is_listed(synthetic_root, tmp_path):
@@ -95,23 +107,24 @@ def test_parallel_cpu_launcher_runs_jobs_in_two_processes(synthetic_root, tmp_pa
 
 
 def test_mean_and_std_over_seeds_match_a_hand_computation():
-    def row(dropout, seed, acc, params=100):
-        given = {"test/acc": acc, "params_trainable": params, "last_train/acc": acc + 0.01, "last_val/acc": acc}
-        return {"status": "completed", "factors": {"model.dropout": dropout, "seed": seed}, "history": {},
-                "robustness": {"rotation": {"20": acc - 0.1}}, **{k: given.get(k) for k in METRICS}}
+    def row(dropout, seed, acc, params=100, status="completed"):
+        return {"job": f"{dropout}_{seed}", "status": status, "architecture": "ConvNet", "model.dropout": dropout,
+                "seed": seed, "params_trainable": params, "test/acc": acc, "gap": None if acc is None else acc - 0.9}
 
-    rows = [row("0.0", "0", 0.97), row("0.0", "1", 0.98), row("0.0", "2", 0.99), row("0.5", "0", 0.95),
-            {"status": "failed", "factors": {"model.dropout": "0.5", "seed": "1"}}]
-    groups = {g["label"]: g for g in aggregate(rows)}
-    assert set(groups) == {"dropout=0.0", "dropout=0.5"}
-    mean, std = groups["dropout=0.0"]["test/acc"]
-    assert groups["dropout=0.0"]["n"] == 3
-    assert mean == pytest.approx(0.98) and std == pytest.approx(0.01)  # sqrt(((-.01)^2 + 0 + .01^2) / 2)
-    assert groups["dropout=0.5"]["test/acc"] == (0.95, 0.0) and groups["dropout=0.5"]["n"] == 1
-    assert groups["dropout=0.0"]["gap"][0] == pytest.approx(0.01)
-    assert groups["dropout=0.0"]["robustness"]["rotation"]["20"] == pytest.approx(0.88)
+    table = pd.DataFrame([row("0.0", "0", 0.97), row("0.0", "1", 0.98), row("0.0", "2", 0.99), row("0.5", "0", 0.95),
+                          row("0.5", "1", None, status="failed")])
+    groups = aggregate(table).set_index("label")
+    assert list(groups.index) == ["dropout=0.0", "dropout=0.5"]
+    zero = groups.loc["dropout=0.0"]
+    assert (zero["n"], zero["test/acc n"]) == (3, 3)
+    assert zero["test/acc"] == pytest.approx(0.98) and zero["test/acc std"] == pytest.approx(0.01)  # sqrt(2e-4 / 2)
+    half = groups.loc["dropout=0.5"]
+    assert (half["test/acc"], half["test/acc std"], half["n"]) == (0.95, 0.0, 1)  # one value: no spread
+    assert zero["gap"] == pytest.approx(0.08)
     m = 7 / 3
-    assert mean_std([1.0, 2.0, 4.0]) == pytest.approx((m, (((1 - m) ** 2 + (2 - m) ** 2 + (4 - m) ** 2) / 2) ** 0.5))
+    spread = aggregate(pd.DataFrame([row("0", str(i), v) for i, v in enumerate((1.0, 2.0, 4.0))]))
+    assert spread.loc[0, "test/acc std"] == pytest.approx((((1 - m) ** 2 + (2 - m) ** 2 + (4 - m) ** 2) / 2) ** 0.5)
+    assert config_label({"model.batchnorm": "true", "optimizer.lr": "0.01"}) == "batchnorm=true, lr=0.01"
 
 
 def test_summary_of_an_unfinished_sweep_lists_the_running_job(tmp_path):
@@ -120,7 +133,7 @@ def test_summary_of_an_unfinished_sweep_lists_the_running_job(tmp_path):
     (job / ".hydra" / "overrides.yaml").write_text("- model=fc\n")
     (job / ".hydra" / "hydra.yaml").write_text("hydra: {job: {config: {override_dirname: {exclude_keys: []}}}}\n")
     result = write_summary(tmp_path)
-    assert [r["status"] for r in result["rows"]] == ["incomplete"]
+    assert result["table"]["status"].tolist() == ["incomplete"] and result["failed"] == ["model=fc"]
     assert "no metrics.json: the job was killed or is still running" in (tmp_path / "summary.md").read_text()
     with pytest.raises(FileNotFoundError, match="no Hydra job dirs"):
         write_summary(tmp_path / "empty")
@@ -145,12 +158,9 @@ def test_launcher_configs_compose_with_their_hydra_plugins(launcher, target):
 
 
 def test_the_pareto_front_keeps_each_configuration_no_smaller_one_beats():
-    def group(label, params, acc):
-        return {"label": label, "params_trainable": (params, 0.0), "test/acc": (acc, 0.01)}
-
-    groups = [group("a", 100, 0.90), group("b", 200, 0.95), group("c", 150, 0.89), group("d", 300, 0.94),
-              group("e", 400, 0.97), group("f", 100, 0.91)]
-    assert [g["label"] for g in pareto_front(groups)] == ["f", "b", "e"]  # a ties f's size and is worse
+    groups = pd.DataFrame({"label": list("abcdef"), "params_trainable": [100, 200, 150, 300, 400, 100],
+                           "test/acc": [0.90, 0.95, 0.89, 0.94, 0.97, 0.91]})
+    assert pareto_front(groups)["label"].tolist() == ["f", "b", "e"]  # a ties f's size and is worse
 
 
 def test_the_frontier_sweep_runs_families_side_by_side(synthetic_root, tmp_path):
@@ -174,23 +184,17 @@ def test_a_killed_sweep_resumes_where_it_stopped_and_ends_as_the_uninterrupted_o
             "trainer.deterministic=true", "eval.full=false", "plots=false",
             *[f"+callbacks.kill.{k}={v}" for k, v in (("_target_", "probes.SignalAtJob"), ("epoch", 1), ("batch", 1),
                                                       ("signal", "SIGTERM"))]]
-    env = {**os.environ, "MNIST_LAB_DATA": str(synthetic_root), "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-
-    def sweep(extra, kill=None):
-        return subprocess.run([sys.executable, "-m", "mnist_lab.train", *extra], cwd=tmp_path, capture_output=True,
-                              env={**env, **({"MNIST_LAB_SIGNAL_JOB": kill} if kill else {})}, text=True, timeout=600)
-
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert sweep([*args, f"hydra.sweep.dir={whole}"]).returncode == 0
-    proc = sweep([*args, f"hydra.sweep.dir={killed}"], kill="2")
+    assert multirun(args, synthetic_root, whole, tmp_path).returncode == 0
+    proc = cli("mnist_lab.train", *args, f"hydra.sweep.dir={killed}", data_root=synthetic_root, cwd=tmp_path,
+               env={"MNIST_LAB_SIGNAL_JOB": "2"})
     assert proc.returncode == 143 and f"continue with: python -m mnist_lab.train -m resume={killed}" in proc.stderr
     jobs = sorted(p for p in killed.iterdir() if p.is_dir())
     assert [json.loads((j / "metrics.json").read_text())["status"] for j in jobs] == ["completed", "completed",
                                                                                       "interrupted"]
     done = {f: f.read_bytes() for j in jobs[:2] for f in j.rglob("*") if f.is_file() and f.name != "train.log"}
 
-    proc = sweep(["-m", f"resume={killed}"])
+    proc = cli("mnist_lab.train", "-m", f"resume={killed}", data_root=synthetic_root, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("completed before, skipped") == 2
     assert f"summary: {killed / 'summary.md'} (4 jobs)" in proc.stdout
@@ -199,8 +203,8 @@ def test_a_killed_sweep_resumes_where_it_stopped_and_ends_as_the_uninterrupted_o
     def table(path):
         return [{k: v for k, v in r.items() if k != "train_seconds"} for r in read_csv(path / "summary.csv")]
     assert table(killed) == table(whole)  # job names, every figure, every status: the uninterrupted sweep's
-    proc = sweep(["-m", f"resume={killed}", "seed=9"])
-    assert proc.returncode == 2 and "drop the others (seed=9)" in proc.stderr
+    proc = cli("mnist_lab.train", "-m", f"resume={killed}", "seed=9", data_root=synthetic_root, cwd=tmp_path)
+    assert proc.returncode == 2 and "drop the other overrides (seed=9)" in proc.stderr
 
 
 def test_the_submitit_launcher_runs_a_sweep_through_its_executor(synthetic_root, tmp_path):
@@ -232,3 +236,49 @@ def test_job_dir_names_are_short_unique_and_readable_whatever_the_overrides():
     # apart two trials that agree to 4 digits, and gives a trial enqueued again its own dir back
     a, b = job_dir(None, lrs[:1]), job_dir(None, lrs[1:2])
     assert a != b and a.startswith("lr=0.001235_") and a == job_dir(None, lrs[:1])
+
+
+def live_descendants(pid: int) -> set[int]:
+    """The processes below ``pid`` (children, their children, ...), from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads processes from /proc")
+def test_a_parallel_sweep_stopped_by_sigterm_leaves_no_process_behind(synthetic_root, tmp_path):
+    """+launcher=cpu_parallel, SIGTERM to the sweep's process while both workers train: the workers are
+    stopped with it (each job records itself interrupted), the sweep exits 143 with its resume command, and
+    no process of the sweep remains (a loky worker once stayed, about 1 GB, for 25 minutes)."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "MNIST_LAB_DATA": str(synthetic_root), "PYTHONWARNINGS": "ignore", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_lab.train", "-m", "+launcher=cpu_parallel", "model=fc",
+                             "seed=0,1", "trainer.max_epochs=500", "callbacks.early_stopping=null", "eval.full=false",
+                             "plots=false", *QUIET, f"hydra.sweep.dir={sweep}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(list(sweep.glob("*/checkpoints/last.ckpt"))) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # both jobs train (each has finished an epoch)
+    workers = live_descendants(proc.pid)
+    assert len(workers) >= 2
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert f"error: stopped by SIGTERM; continue with: python -m mnist_lab.train -m resume={sweep}" in err
+    while workers & live_descendants(1) and time.monotonic() < deadline + 60:
+        time.sleep(0.5)
+    assert not {w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in
+                Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[:1]}
+    statuses = [json.loads(p.read_text())["status"] for p in sweep.glob("*/metrics.json")]
+    assert statuses == ["interrupted", "interrupted"]

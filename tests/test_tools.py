@@ -10,11 +10,11 @@ import time
 
 import pytest
 import torch
-from conftest import QUIET, REPO, run_module
+from conftest import QUIET, REPO, cli
 
 from mnist_lab import Classifier, load_config, model_config, train
 from mnist_lab.errors import ConfigError
-from mnist_lab.rundir import read_epoch_metrics
+from mnist_lab.rundir import read_history
 
 SHORT = ["model=fc", "trainer.max_epochs=2", "trainer.limit_train_batches=4", "eval.full=false", "plots=false",
          *QUIET]
@@ -30,9 +30,8 @@ def test_tensorboard_logger_writes_the_curves_learning_rate_and_hyperparameters_
     metrics = train(load_config(["logger=tensorboard", "optimizer.lr=0.002", f"data.root={synthetic_root}", *SHORT]),
                     run)
     events = EventAccumulator(str(run / "tensorboard")).Reload()
-    history = read_epoch_metrics(run / "metrics.csv")  # the csv logger still writes the history
-    assert [e.value for e in events.Scalars("val/acc")] == pytest.approx([history["val/acc"][0],
-                                                                         history["val/acc"][1]])
+    history = read_history(run / "metrics.csv", by="epoch")  # the csv logger still writes the history
+    assert [e.value for e in events.Scalars("val/acc")] == pytest.approx(history["val/acc"].dropna().tolist())
     assert [e.value for e in events.Scalars("lr-Adam")] == pytest.approx([0.002, 0.002])
     hparams = plugin_data_pb2.HParamsPluginData.FromString(
         events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info.hparams
@@ -63,19 +62,18 @@ README_SEARCH = ["hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.n_startup_tr
 
 
 def test_two_workers_on_one_sqlite_study_search_together_for_the_best_val_accuracy(synthetic_root, tmp_path):
-    """Two processes x 3 trials on one SQLite storage (a seed each, else a seeded sampler proposes the same
-    trials): 6 distinct finished trials; each trial's objective is its best val accuracy (never a test
-    metric); the summary names the study's best trial. Job dirs are short whatever the overrides."""
+    """Two processes x 3 trials on one SQLite storage, started with the very same command (the sampler is
+    seeded per trial: no seed per worker): 6 distinct finished trials; each trial's objective is its best val
+    accuracy (never a test metric); the summary names the study's best trial. Job dirs are short whatever
+    the overrides."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     optuna = pytest.importorskip("optuna")
     storage = f"sqlite:///{tmp_path / 'search.db'}"
     shared = [*README_SEARCH, f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared"]
-    workers = [search([*shared, "hydra.sweeper.sampler.seed=0", f"hydra.sweep.dir={tmp_path / 'w0'}"],
-                      synthetic_root, tmp_path)]
+    workers = [search([*shared, f"hydra.sweep.dir={tmp_path / 'w0'}"], synthetic_root, tmp_path)]
     while workers[0].poll() is None and not (tmp_path / "w0" / "multirun.yaml").is_file():
         time.sleep(0.2)  # the second worker starts once the first has composed its config
-    workers.append(search([*shared, "hydra.sweeper.sampler.seed=1", f"hydra.sweep.dir={tmp_path / 'w1'}"],
-                          synthetic_root, tmp_path))
+    workers.append(search([*shared, f"hydra.sweep.dir={tmp_path / 'w1'}"], synthetic_root, tmp_path))
     for worker in workers:
         assert worker.wait(timeout=600) == 0, worker.communicate()[1][-2000:]
 
@@ -102,14 +100,12 @@ def test_a_killed_search_resumes_with_its_finished_trials_and_the_killed_one_goe
     sweep = tmp_path / "search"
     kill = [f"+callbacks.kill.{k}={v}" for k, v in (("_target_", "probes.SignalAtJob"), ("epoch", 1), ("batch", 1),
                                                     ("signal", "SIGTERM"))]
-    killed = search([*README_SEARCH, *kill, f"hydra.sweep.dir={sweep}"], synthetic_root, tmp_path,
-                    env={"MNIST_LAB_SIGNAL_JOB": "1"})
-    assert killed.wait(timeout=600) == 143, killed.communicate()[1][-2000:]
+    killed = cli("mnist_lab.train", "-m", "hparams_search=optuna", *README_SEARCH, *kill, f"hydra.sweep.dir={sweep}",
+                 data_root=synthetic_root, env={"MNIST_LAB_SIGNAL_JOB": "1"})
+    assert killed.returncode == 143, killed.stderr[-2000:]
     jobs = {p: json.loads((p / "metrics.json").read_text())["status"] for p in sweep.iterdir() if p.is_dir()}
     assert sorted(jobs.values()) == ["completed", "interrupted"]
-    resumed = subprocess.run([sys.executable, "-m", "mnist_lab.train", "-m", f"resume={sweep}"], cwd=tmp_path,
-                             env={**os.environ, "MNIST_LAB_DATA": str(synthetic_root), "PYTHONWARNINGS": "ignore",
-                                  "PYTHONPATH": str(REPO / "tests")}, capture_output=True, text=True, timeout=600)
+    resumed = cli("mnist_lab.train", "-m", f"resume={sweep}", data_root=synthetic_root, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "the search has 1 finished trials of 3" in resumed.stdout
     trials = optuna.load_study(study_name="search", storage=f"sqlite:///{sweep / 'optuna.db'}").trials
@@ -152,15 +148,31 @@ def test_exported_model_gives_the_pytorch_logits_for_any_batch_size(preset, fmt,
         assert (run_exported(path, images) - expected).abs().max().item() < 1e-4
 
 
-def test_export_cli_writes_beside_the_tested_checkpoint_and_refuses_an_unknown_format(synthetic_root, tmp_path):
+def test_export_cli_writes_beside_the_tested_checkpoint_and_refuses_an_unknown_format(fc_run, tmp_path):
     pytest.importorskip("onnxruntime")
-    run = tmp_path / "run"
-    train(load_config([f"data.root={synthetic_root}", *SHORT]), run)
-    proc = run_module("mnist_lab.export", [f"run_dir={run}"], synthetic_root, tmp_path)
+    run, metrics = fc_run
+    proc = cli("mnist_lab.export", f"run_dir={run}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    onnx_file = run / "checkpoints" / "best.onnx"
+    onnx_file = run / "checkpoints" / "last.onnx"  # beside the tested checkpoint (fc_run tests its last)
     assert f"exported: {onnx_file} (onnx" in proc.stdout and onnx_file.stat().st_size > 4 * 101_770
     diff = float(proc.stdout.split("max |logits - PyTorch| = ")[1].split()[0])
     assert diff < 1e-4
-    proc = run_module("mnist_lab.export", [f"run_dir={run}", "format=tflite"], synthetic_root, tmp_path)
+    proc = cli("mnist_lab.export", f"run_dir={run}", "format=tflite", cwd=tmp_path)
     assert proc.returncode == 2 and "format='tflite' is not one of onnx, torchscript, pt2" in proc.stderr
+
+
+def test_the_trial_seeded_sampler_repeats_a_lone_worker_and_gives_each_trial_its_own_seed():
+    """One worker with one seed proposes the same trials in the same order; the proposal of trial n depends
+    on seed + n, so workers sharing a storage (trial numbers unique there) do not repeat each other."""
+    optuna = pytest.importorskip("optuna")
+    from mnist_lab.search import TrialSeededTPE
+
+    def proposals(seed: int, trials: int = 6) -> list[float]:
+        study = optuna.create_study(sampler=TrialSeededTPE(seed=seed, n_startup_trials=3))
+        study.optimize(lambda t: (t.suggest_float("lr", 1e-4, 1e-2, log=True) - 1e-3) ** 2, n_trials=trials)
+        return [t.params["lr"] for t in study.trials]
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    first = proposals(0)
+    assert proposals(0) == first and len(set(first)) == 6  # reproducible, and no trial twice
+    assert proposals(1)[:2] == first[1:3]  # seed 1's trial 0 is seed 0's trial 1: the seed moves with the trial

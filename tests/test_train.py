@@ -8,21 +8,28 @@ import lightning as L
 import matplotlib.image
 import pytest
 import torch
-from conftest import QUIET, REPO, run_module
+from conftest import QUIET, REPO, cli
 
+import mnist_lab
 from mnist_lab import Classifier, MNISTDataModule, build_model, load_config, model_config, train
 from mnist_lab.errors import ConfigError
 
 
-def test_cli_command_trains_and_writes_every_output(synthetic_root, tmp_path):
+def test_cli_command_trains_writes_every_output_and_prints_lightnings_useful_lines(synthetic_root, tmp_path):
+    """The README's command, as written (the model summary on, the progress bar off for the log)."""
     run = tmp_path / "run"
-    proc = run_module("mnist_lab.train", ["model=conv2", "+aug=true", f"hydra.run.dir={run}", "trainer.max_epochs=3",
-                                          *QUIET], synthetic_root, tmp_path)
+    proc = cli("mnist_lab.train", "model=conv2", "+aug=true", f"hydra.run.dir={run}", "trainer.max_epochs=3",
+               "trainer.enable_progress_bar=false", data_root=synthetic_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     lines = proc.stdout.strip().splitlines()
     assert lines[-2] == f"run dir: {run}"
     assert lines[-1].startswith(f"test/acc: {metrics['test/acc']:.4f}")
+    printed = proc.stdout + proc.stderr
+    assert "GPU available:" in printed and "`Trainer.fit` stopped" in printed  # Lightning's useful lines
+    for noise in ("TPU available", "litlogger", "litmodels", "LeafSpec", "smaller than the logging interval",
+                  "exists and is not empty"):
+        assert noise not in printed, noise
 
     for key in ("test/acc", "test/loss", "test/precision_macro", "test/recall_macro", "test/f1_macro"):
         assert 0 <= metrics[key] <= 1.0001 or key == "test/loss"
@@ -31,6 +38,15 @@ def test_cli_command_trains_and_writes_every_output(synthetic_root, tmp_path):
     assert (metrics["n_train"], metrics["n_val"], metrics["n_test"]) == (800, 100, 100)
     assert metrics["seed"] == 42 and metrics["aug"] is True and metrics["status"] == "completed"
     assert 1 <= metrics["epochs"] <= 3 and metrics["train_seconds"] > 0
+    # conv2's forward FLOPs per image, by hand (a multiply-add is 2): conv 26*26*32*9*2 + conv 11*11*64*288*2
+    # + dense 1600*128*2 + dense 128*10*2
+    flops = 26 * 26 * 32 * 9 * 2 + 11 * 11 * 64 * 288 * 2 + 1600 * 128 * 2 + 128 * 10 * 2
+    assert flops == 5_262_080 and "Total FLOPs: 5.3 M" in printed and metrics["flops_per_image"] == flops
+    assert metrics["mnist_lab_version"] == mnist_lab.__version__ and metrics["torch_version"] == torch.__version__
+    assert metrics["lightning_version"] == L.__version__ and metrics["device_name"]
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert metrics["git_commit"] == (head.stdout.strip() if (REPO / ".git").exists() else None)
+    assert isinstance(metrics["git_dirty"], bool) or metrics["git_commit"] is None
 
     config = (run / "config.yaml").read_text()
     assert "augment: true" in config and "name: conv2" in config
@@ -47,6 +63,7 @@ def test_cli_command_trains_and_writes_every_output(synthetic_root, tmp_path):
     ckpt = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
     assert float(ckpt["state_dict"]["mean"]) == pytest.approx(metrics["normalize"]["mean"])
     assert ckpt["hyper_parameters"]["net"]["name"] == "conv2"
+    assert ckpt["hyper_parameters"]["net"]["num_classes"] == ckpt["datamodule_hyper_parameters"]["num_classes"] == 10
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert last["epoch"] == metrics["epochs"] - 1  # the last epoch, whether or not it was the best
 
@@ -80,13 +97,11 @@ def test_notebook_style_use_of_the_pieces(synthetic_root, tmp_path):
     assert Classifier(build_model("conv3")).net.num_features == loaded.net.num_features == 576
 
 
-def test_load_from_checkpoint_alone_reproduces_the_runs_test_accuracy(synthetic_root, tmp_path):
+def test_load_from_checkpoint_alone_reproduces_the_runs_test_accuracy(fc_run, synthetic_root):
     """Lightning's own API, the checkpoint alone (no datamodule, no config): images in [0, 1] -> logits."""
-    cfg = load_config(["model=conv2", f"data.root={synthetic_root}", "trainer.max_epochs=1", "plots=false",
-                       "trainer.limit_train_batches=4", "eval.full=false", *QUIET])
-    metrics = train(cfg, tmp_path / "run")
+    run, metrics = fc_run
     assert 0.15 < metrics["test/acc"] < 0.95  # undertrained: a wrong model would not match by chance
-    model = Classifier.load_from_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt").eval()
+    model = Classifier.load_from_checkpoint(run / metrics["test_ckpt"]).eval()
     dm = MNISTDataModule(root=synthetic_root)
     dm.setup()
     images, labels = dm.splits["test"]
@@ -157,27 +172,3 @@ def test_zero_epochs_tests_the_untrained_network(synthetic_root, tmp_path):
     assert 0 < metrics["test/acc"] < 0.4  # chance is 0.1: the untrained net
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "curves.png").exists()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
-
-
-def test_a_run_prints_lightnings_useful_lines_without_its_noise_and_counts_flops(synthetic_root, tmp_path):
-    proc = run_module("mnist_lab.train", ["model=conv2", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                                          "eval.full=false", "plots=false", "trainer.enable_progress_bar=false",
-                                          f"hydra.run.dir={tmp_path / 'run'}"], synthetic_root, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    printed = proc.stdout + proc.stderr
-    assert "GPU available:" in printed and "`Trainer.fit` stopped" in printed  # Lightning's useful lines
-    for noise in ("TPU available", "litlogger", "litmodels", "LeafSpec", "smaller than the logging interval"):
-        assert noise not in printed, noise
-    # conv2's forward FLOPs per image, by hand (a multiply-add is 2): conv 26*26*32*9*2 + conv 11*11*64*288*2
-    # + dense 1600*128*2 + dense 128*10*2
-    flops = 26 * 26 * 32 * 9 * 2 + 11 * 11 * 64 * 288 * 2 + 1600 * 128 * 2 + 128 * 10 * 2
-    assert flops == 5_262_080 and "Total FLOPs: 5.3 M" in printed
-    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["flops_per_image"] == flops
-    assert metrics["mnist_lab_version"] == "0.3.0" and metrics["torch_version"] == torch.__version__
-    assert metrics["lightning_version"] == L.__version__ and metrics["device_name"]
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True)
-    assert metrics["git_commit"] == (head.stdout.strip() if (REPO / ".git").exists() else None)
-    assert isinstance(metrics["git_dirty"], bool) or metrics["git_commit"] is None
-    lines = proc.stdout.strip().splitlines()
-    assert lines[-2] == f"run dir: {tmp_path / 'run'}" and lines[-1].startswith("test/acc: ")

@@ -6,8 +6,6 @@ is a ``_target_`` config of one. A new architecture is one Python file (here, or
 ``PYTHONPATH``) and one YAML file in ``conf/model/`` (or a folder given by ``hydra.searchpath``).
 """
 
-from __future__ import annotations
-
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -35,7 +33,8 @@ def model_config(name: str, **overrides) -> dict:
     path = CONF_DIR / "model" / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown model preset {name!r}; choose one of {', '.join(list_presets())}")
-    return OmegaConf.to_container(OmegaConf.merge(load_config([f"model={name}"]).model, overrides), resolve=True)
+    preset = OmegaConf.to_container(load_config([f"model={name}"]).model, resolve=True)  # ${data.num_classes}
+    return OmegaConf.to_container(OmegaConf.merge(preset, overrides))
 
 
 def build_model(name: str, **overrides) -> nn.Module:

@@ -12,14 +12,12 @@ Layer order and parameter counts follow Keras (``Conv2D``, ``Dense``, ``BatchNor
 its 2 trainable parameters per channel), which the published tables were made with.
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from mnist_lab.errors import ConfigError, check_rate
+from mnist_lab.errors import ConfigError, check_list, check_rate
 
 #: ``model.activation`` names -> layers (ReLU is the published choice; GELU, Hendrycks & Gimpel 2016;
 #: SiLU, Elfwing et al. 2018).
@@ -83,7 +81,8 @@ class ConvNet(nn.Module):
         super().__init__()
         if not isinstance(depth, int) or depth < 0:
             raise ConfigError(f"model.depth={depth!r} must be an integer >= 0 (0 = dense baseline)")
-        channels, pool = list(channels), list(pool)
+        channels = check_list("model.channels", channels, "model.channels=[32,64,64]")
+        pool = check_list("model.pool", pool, "model.pool=[true,true,false]")
         if len(channels) < depth or len(pool) < depth:
             raise ConfigError(
                 f"model.depth={depth} needs {depth} conv widths and pool flags, but model.channels="

@@ -15,15 +15,13 @@ Residual Learning, Recurrent Neural Networks and Visual Cortex"): ``r`` applicat
 convolutions once and ``4 c`` BatchNorm parameters each.
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_lab.errors import ConfigError, check_rate
+from mnist_lab.errors import ConfigError, check_list, check_rate
 
 
 def _conv(c_in: int, c_out: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -78,8 +76,9 @@ class DepthwiseNet(nn.Module):
                  dropout: float = 0.0, in_channels: int = 1, num_classes: int = 10, name: str | None = None,
                  kernel_size: int = 3, repeats: Sequence[int] | None = None):
         super().__init__()
-        widths, strides = list(widths), list(strides)
-        repeats = [1] * len(widths) if repeats is None else list(repeats)
+        widths = check_list("model.widths", widths, "model.widths=[32,64]")
+        strides = check_list("model.strides", strides, "model.strides=[2,2]")
+        repeats = [1] * len(widths) if repeats is None else check_list("model.repeats", repeats, "model.repeats=[1,3]")
         if len(widths) != len(strides) or any(s not in (1, 2) for s in strides):
             raise ConfigError(f"model.widths={widths} and model.strides={strides} need one stride (1 or 2) per "
                               "block, e.g. model.widths=[32,64] model.strides=[2,2]")

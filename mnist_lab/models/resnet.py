@@ -8,15 +8,13 @@ Head: ``BN -> ReLU -> global average pool -> [Dropout] -> Linear``. Convolutions
 BatchNorm follows each).
 """
 
-from __future__ import annotations
-
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mnist_lab.errors import ConfigError, check_rate
+from mnist_lab.errors import ConfigError, check_list, check_rate
 
 
 class PreActBlock(nn.Module):
@@ -53,7 +51,8 @@ class ResNet(nn.Module):
     def __init__(self, widths: Sequence[int] = (16, 32, 64), blocks: Sequence[int] = (1, 1, 1),
                  dropout: float = 0.0, in_channels: int = 1, num_classes: int = 10, name: str | None = None):
         super().__init__()
-        widths, blocks = list(widths), list(blocks)
+        widths = check_list("model.widths", widths, "model.widths=[16,32,64]")
+        blocks = check_list("model.blocks", blocks, "model.blocks=[1,1,1]")
         if not widths or len(widths) != len(blocks) or min(blocks) < 1:
             raise ConfigError(f"model.widths={widths} and model.blocks={blocks} need one entry per stage and "
                               "at least one block each, e.g. model.widths=[16,32,64] model.blocks=[1,1,1]")

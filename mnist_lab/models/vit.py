@@ -8,8 +8,6 @@ runs on ``F.scaled_dot_product_attention`` -> residual; LayerNorm -> MLP with GE
 final LayerNorm, and a linear head on the class token (``cls``) or the mean of the patch tokens (``mean``).
 """
 
-from __future__ import annotations
-
 import torch
 from torch import nn
 

@@ -10,8 +10,6 @@ logs the headline figures (``test/ece``, ``test/nll``, ``temperature``, ``test/*
 confident mistakes, ``predictions.png``) into ``output_dir`` (docs/evaluation.md).
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 import lightning as L
