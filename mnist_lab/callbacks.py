@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
-from mnist_lab.errors import ConfigError, TrainingDiverged
+from mnist_lab.errors import ConfigError, TrainingDiverged, check_rate
 
 
 class EMA(EMAWeightAveraging):
@@ -37,9 +37,7 @@ class EMA(EMAWeightAveraging):
     """
 
     def __init__(self, decay: float = 0.999, update_starting_at_step: int | None = None):
-        if not 0.0 <= decay < 1.0:
-            raise ConfigError(f"callbacks.ema.decay={decay} is outside [0, 1): it is the weight of the old average "
-                              "per step; use e.g. callbacks.ema.decay=0.999")
+        check_rate("callbacks.ema.decay", decay, "the weight of the old average per step", 0.999)
         super().__init__(decay=decay, update_starting_at_step=update_starting_at_step)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
@@ -125,15 +123,12 @@ class Dynamics(L.Callback):
         sums = pl_module.train_sums
         window = sums - self._sums_at_last_record if self._sums_at_last_record is not None else sums
         self._sums_at_last_record = sums.clone()
-        values = torch.cat([window[:1] / window[2], window[1:2] / window[2], before["grad"].reshape(1),
-                            before["grads"], w_norm, deltas / w_norm]).tolist()  # the one host sync
-        names = list(layers)
-        n = len(names)
+        values = torch.cat([window[:2] / window[2], before["grad"].reshape(1), before["grads"], w_norm,
+                            deltas / w_norm]).tolist()  # the one host sync
+        n = len(layers)
         metrics = {"dynamics/train_loss": values[0], "dynamics/train_acc": values[1], "dynamics/grad_norm": values[2],
-                   "dynamics/lr": before["lr"],
-                   **{f"grad_norm/{k}": v for k, v in zip(names, values[3:3 + n])},
-                   **{f"weight_norm/{k}": v for k, v in zip(names, values[3 + n:3 + 2 * n])},
-                   **{f"update_ratio/{k}": v for k, v in zip(names, values[3 + 2 * n:])}}
+                   "dynamics/lr": before["lr"], **{f"{kind}/{k}": v for i, kind in enumerate(
+                       ("grad_norm", "weight_norm", "update_ratio")) for k, v in zip(layers, values[3 + i * n:])}}
         for logger in trainer.loggers if trainer.is_global_zero else ():
             logger.log_metrics(metrics, step=trainer.global_step - 1)  # as Lightning: the 0-based index of the step
 
@@ -161,17 +156,17 @@ class DivergenceGuard(L.Callback):
             raise ValueError(f"check_every_n_steps={check_every_n_steps!r} must be a positive integer")
         self.every, self.max_loss = check_every_n_steps, max_loss
         self._bad: torch.Tensor | None = None  # any bad loss since the last check (a flag on the device)
-        self._loss: torch.Tensor | None = None  # the last loss (losses, with steps_per_execution > 1) seen
+        self._loss: torch.Tensor | None = None  # the last training step's losses, (K,) with steps_per_execution
         self._checked_at = 0  # global step of the last check
 
+    def _flags(self, losses: torch.Tensor) -> torch.Tensor:
+        return ~torch.isfinite(losses) | (losses > (math.inf if self.max_loss is None else self.max_loss))
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is None:
+        if (loss := outputs["loss"] if isinstance(outputs, dict) else outputs) is None:
             return
-        self._loss = loss.detach()  # (), or (K,) for K mini-batch steps in one training step
-        bad = ~torch.isfinite(self._loss).all()  # on the device, read at the next check
-        if self.max_loss is not None:
-            bad = bad | (self._loss > self.max_loss).any()
+        self._loss = loss.detach().flatten()
+        bad = self._flags(self._loss).any()  # on the device, read at the next check
         self._bad = bad if self._bad is None else self._bad | bad
         if trainer.global_step - self._checked_at >= self.every:
             self._check(trainer)
@@ -189,9 +184,13 @@ class DivergenceGuard(L.Callback):
 
     def _raise(self, trainer: L.Trainer) -> None:
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
-        step, loss = self._first_bad(trainer.global_step) if self.every == 1 else (trainer.global_step, self._worst())
-        where = (f"at global step {step}" if self.every == 1
-                 else f"within the {self.every} steps before global step {step}")
+        losses, flags = self._loss, self._flags(self._loss)
+        if self.every == 1:  # the first bad mini-batch of the last training step (a group, with K > 1)
+            i = int(flags.nonzero()[0, 0]) if flags.any() else len(losses) - 1
+            step, loss, where = trainer.global_step - len(losses) + 1 + i, float(losses[i]), "at global step"
+        else:
+            step, where = trainer.global_step, f"within the {self.every} steps before global step"
+            loss = next((v for v in losses.tolist() if not math.isfinite(v)), float(losses.max()))
         limit = f"NaN/inf or above {self.max_loss:g}" if self.max_loss is not None else "NaN/inf"
         saved = next((Path(cb.best_model_path).name for cb in reversed(trainer.checkpoint_callbacks)
                       if getattr(cb, "best_model_path", "")), None)
@@ -199,23 +198,9 @@ class DivergenceGuard(L.Callback):
                 else "no epoch had completed, so no checkpoint was written")
         raise TrainingDiverged(
             f"training diverged: the training loss became {loss:.4g} ({limit}) in epoch "
-            f"{trainer.current_epoch}, {where}, at learning rate {lr:g}. Training stopped; {kept}. "
+            f"{trainer.current_epoch}, {where} {step}, at learning rate {lr:g}. Training stopped; {kept}. "
             "Lower optimizer.lr (e.g. by 10x), or clip gradients with trainer.gradient_clip_val=1.0.",
             epoch=trainer.current_epoch, step=step, lr=lr)
-
-    def _first_bad(self, global_step: int) -> tuple[int, float]:
-        """The global step and value of the first bad loss of the last training step (a group of
-        mini-batch steps with ``steps_per_execution > 1``, the last of which is ``global_step``)."""
-        losses = self._loss.flatten()
-        bad = ~torch.isfinite(losses)
-        if self.max_loss is not None:
-            bad |= losses > self.max_loss
-        i = int(bad.nonzero()[0, 0]) if bad.any() else losses.numel() - 1
-        return global_step - losses.numel() + 1 + i, float(losses[i])
-
-    def _worst(self) -> float:
-        values = self._loss.flatten().tolist()
-        return next((v for v in values if not math.isfinite(v)), max(values))
 
 
 class ProgressBar(TQDMProgressBar):

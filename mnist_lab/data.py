@@ -32,20 +32,19 @@ def read_split(images_path: Path, labels_path: Path, num_classes: int) -> tuple[
         DataError: a file that is not a whole IDX file of its kind (wrong magic number, truncated), image
             and label counts that differ, or a label outside ``0 .. num_classes - 1``.
     """
-    read = {}
+    read = []
     for kind, path, reader in (("images", images_path, read_image_file), ("labels", labels_path, read_label_file)):
         try:
-            read[kind] = reader(str(path))
+            read.append(reader(str(path)))
         except Exception as e:  # torchvision asserts, or fails to view the bytes as the header's shape
             reason = f"torchvision: {str(e).splitlines()[0]}" if str(e) else f"torchvision's {type(e).__name__}"
             raise DataError(f"dataset file {path} is not a whole IDX {kind} file: {Path(path).stat().st_size} bytes "
                             f"({reason}). {FIX}") from None
-    images, labels = read["images"], read["labels"]
+    images, labels = read
     if len(images) != len(labels):
         raise DataError(f"{images_path} has {len(images)} images but {Path(labels_path).name} has {len(labels)} "
                         "labels; the files do not belong together. Replace them.")
-    bad = labels >= num_classes
-    if bad.any():
+    if (bad := labels >= num_classes).any():
         raise DataError(f"{labels_path} has {int(bad.sum())} labels outside 0-{num_classes - 1} "
                         f"(e.g. {int(labels[bad][0])}); the file is corrupt. Replace it.")
     return images, labels
@@ -75,13 +74,10 @@ def stratified_split(labels: torch.Tensor, fractions: Sequence[float], seed: int
     quota[:, 0] = counts.long() - quota[:, 1:].sum(1)
     if (quota[:, 0] < 0).any():
         raise ConfigError(f"fractions {list(fractions)} leave no room for some class; use larger first fraction")
-    starts = torch.cumsum(counts.long(), 0) - counts.long()
-    parts: list[list[torch.Tensor]] = [[] for _ in range(k)]
-    for c in range(counts.numel()):
-        offset = int(starts[c])
-        for j in range(k):
-            parts[j].append(by_class[offset: offset + int(quota[c, j])])
-            offset += int(quota[c, j])
+    parts = [[] for _ in range(k)]
+    for c, segment in enumerate(torch.split(by_class, counts.long().tolist())):
+        for j, piece in enumerate(torch.split(segment, quota[c].tolist())):
+            parts[j].append(piece)
     # shuffle each part once so the stored order is not grouped by class
     return [p[torch.randperm(p.numel(), generator=g)] for p in (torch.cat(ps) for ps in parts)]
 

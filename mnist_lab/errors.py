@@ -43,11 +43,12 @@ class RunInterrupted(MnistLabError, RuntimeError):
         self.exit_code = 143 if signal_name == "SIGTERM" else 130
 
 
-def check_rate(key: str, p: float) -> float:
-    """A dropout rate checked to lie in [0, 1), as a float. Raises ConfigError naming ``key`` and the fix."""
+def check_rate(key: str, p: float, meaning: str = "the probability of zeroing a unit", example: float = 0.25
+               ) -> float:
+    """A rate (dropout, by default) checked to lie in [0, 1), as a float. Raises ConfigError naming ``key``,
+    what the rate means, and the fix."""
     if not 0.0 <= p < 1.0:
-        raise ConfigError(f"{key}={p} is outside [0, 1): it is the probability of zeroing a unit; use e.g. "
-                          f"{key}=0.25 (0 turns it off)")
+        raise ConfigError(f"{key}={p} is outside [0, 1): it is {meaning}; use e.g. {key}={example} (0 turns it off)")
     return float(p)
 
 

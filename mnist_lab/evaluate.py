@@ -90,19 +90,16 @@ def predict_views(model: Classifier, datamodule: MNISTDataModule, images: torch.
 
 def evaluate_ensemble(ckpt_paths: list[str | Path], data_root: str | Path | None = None,
                       max_images: int | None = None, tta: bool = False) -> dict:
-    """Test accuracy and NLL of each checkpoint and of their ensemble, whose probabilities are the
-    mean of the members' softmax probabilities (e.g. the seeds of one preset; one checkpoint is an
-    ensemble of one).
-
+    """Test accuracy and NLL of each checkpoint and of their ensemble, whose probabilities are the mean of
+    the members' softmax probabilities (e.g. the seeds of one preset; one checkpoint is an ensemble of one).
     With ``tta``, also test-time augmentation: each member's probabilities averaged over the views of
     :data:`TTA_SHIFTS`, on the validation split as well as the test split, so that it is chosen on
     validation: ``tta["chosen"]`` is whether it raises the ensemble's validation accuracy.
 
     Returns:
-        ``{"n_test", "ensemble": {"test/acc", "test/nll"},
-        "members": [{"checkpoint", "model", "test/acc", "test/nll"}, ...]}``; with ``tta`` also
-        ``"tta": {"shifts", "val/acc", "val/acc_tta", "test/acc_tta", "test/nll_tta", "chosen"}`` (the
-        ensemble's) and ``test/acc_tta`` per member.
+        ``{"n_test", "ensemble": {"test/acc", "test/nll"}, "members": [{"checkpoint", "model", "test/acc",
+        "test/nll"}, ...]}``; with ``tta`` also ``"tta": {"shifts", "val/acc", "val/acc_tta", "test/acc_tta",
+        "test/nll_tta", "chosen"}`` (the ensemble's) and ``test/acc_tta`` per member.
 
     Raises:
         ConfigError: see :meth:`Classifier.load_from_checkpoint`, or checkpoints trained on different
@@ -113,15 +110,11 @@ def evaluate_ensemble(ckpt_paths: list[str | Path], data_root: str | Path | None
     if len({tuple(str(dm.hparams[k]) for k in keys) for _, _, dm in members}) > 1:
         raise ConfigError(f"the checkpoints come from different datasets or splits ({', '.join(keys)} differ), so "
                           "their test splits differ; ensemble checkpoints of one protocol")
-    dm = members[0][2]
+    dm, trainer, shifts = members[0][2], eval_trainer(), TTA_SHIFTS if tta else TTA_SHIFTS[:1]
     dm.prepare_data()
     dm.setup("test")
-    trainer = eval_trainer()
 
-    # every view once: the plain probabilities are view (0, 0), the first of TTA_SHIFTS
-    shifts = TTA_SHIFTS if tta else TTA_SHIFTS[:1]
-
-    def views(split: str) -> tuple[list[torch.Tensor], torch.Tensor]:  # per member (V, N, C); labels (N,)
+    def views(split: str) -> tuple[list[torch.Tensor], torch.Tensor]:  # per member (V, N, C), every view once
         x, y = (t[:max_images] if max_images else t for t in dm.splits[split])
         return [predict_views(model, dm, x, y, trainer, shifts) for _, model, _ in members], y
 
@@ -130,20 +123,19 @@ def evaluate_ensemble(ckpt_paths: list[str | Path], data_root: str | Path | None
         return {f"{prefix}acc{suffix}": float((p.argmax(1) == y).float().mean()),
                 f"{prefix}nll{suffix}": float(F.nll_loss(p.log(), y))}
 
-    test, y = views("test")
-    probs = [v[0] for v in test]
-    result = {"n_test": int(y.numel()), "ensemble": scores(torch.stack(probs).mean(0), y),
-              "members": [{"checkpoint": str(path), "model": model.name, **scores(p, y)}
-                          for (path, model, _), p in zip(members, probs)]}
+    test, y = views("test")  # the plain probabilities are view (0, 0), the first of TTA_SHIFTS
+    result = {"n_test": int(y.numel()), "ensemble": scores(torch.stack([v[0] for v in test]).mean(0), y),
+              "members": [{"checkpoint": str(path), "model": model.name, **scores(v[0], y)}
+                          for (path, model, _), v in zip(members, test)]}
     if tta:
-        probs_tta = [v.mean(0) for v in test]
-        for member, p in zip(result["members"], probs_tta):
-            member["test/acc_tta"] = scores(p, y)["test/acc"]
+        for member, v in zip(result["members"], test):
+            member["test/acc_tta"] = scores(v.mean(0), y)["test/acc"]
         val, y_val = views("val")
-        plain, shifted = (scores(torch.stack(members_p).mean(0), y_val, "val/")["val/acc"]
-                          for members_p in ([v[0] for v in val], [v.mean(0) for v in val]))
+        plain, shifted = (scores(torch.stack(probs).mean(0), y_val, "val/")["val/acc"]
+                          for probs in ([v[0] for v in val], [v.mean(0) for v in val]))
         result["tta"] = {"shifts": [list(s) for s in TTA_SHIFTS], "val/acc": plain, "val/acc_tta": shifted,
-                         **scores(torch.stack(probs_tta).mean(0), y, suffix="_tta"), "chosen": shifted > plain}
+                         **scores(torch.stack([v.mean(0) for v in test]).mean(0), y, suffix="_tta"),
+                         "chosen": shifted > plain}
     return result
 
 
@@ -205,22 +197,19 @@ def main(cfg: DictConfig) -> None:
     except MnistLabError as e:
         exit_with(e)
     if len(ckpts) > 1:
-        for m in ensemble["members"]:
+        for m in [*ensemble["members"], {"checkpoint": f"ensemble of {len(ckpts)} (mean probabilities)",
+                                         **ensemble["ensemble"]}]:
             print(f"{m['checkpoint']}  test/acc: {m['test/acc']:.4f}  NLL: {m['test/nll']:.4f}")
-        ens = ensemble["ensemble"]
-        print(f"ensemble of {len(ckpts)} (mean probabilities)  test/acc: {ens['test/acc']:.4f}  "
-              f"NLL: {ens['test/nll']:.4f}")
     if cfg.tta:
         t = ensemble["tta"]
         print(f"test-time augmentation ({len(t['shifts'])} views): val/acc {t['val/acc']:.4f} -> "
               f"{t['val/acc_tta']:.4f} ({'chosen' if t['chosen'] else 'not chosen'} on validation), "
               f"test/acc {t['test/acc_tta']:.4f}")
-    if len(ckpts) > 1:
-        return
-    rob = result["robustness"]
-    print(f"test/acc: {result['test/acc']:.4f}  ECE: {result['test/ece']:.4f}  NLL: {result['test/nll']:.4f}")
-    print("robustness: " + "  ".join(f"{k} {max(v, key=float)}: {v[max(v, key=float)]:.4f}" for k, v in rob.items()))
-    print(f"evaluation dir: {out}")
+    if len(ckpts) == 1:
+        rob = {k: max(v, key=float) for k, v in result["robustness"].items()}
+        print(f"test/acc: {result['test/acc']:.4f}  ECE: {result['test/ece']:.4f}  NLL: {result['test/nll']:.4f}")
+        print("robustness: " + "  ".join(f"{k} {s}: {result['robustness'][k][s]:.4f}" for k, s in rob.items()))
+        print(f"evaluation dir: {out}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ labels). Metrics are accumulated on the device and logged once per epoch: ``trai
 ``log_train_steps=True`` adds the per-step ``train/loss_step``. Losses are means over images.
 """
 
+import contextlib
 import os
 import pickle
 from collections.abc import Callable, Mapping
@@ -21,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_fl
 from torchmetrics import MetricCollection
 
 from mnist_lab.config import build, check_targets
-from mnist_lab.errors import ConfigError
+from mnist_lab.errors import ConfigError, check_rate
 from mnist_lab.metrics import eval_metrics
 from mnist_lab.rundir import read_checkpoint
 from mnist_lab.steps import StepsPerExecution
@@ -77,37 +78,51 @@ def check_checkpoint(path: str | Path) -> None:
                           "a .ckpt file written by mnist_lab.train")
 
 
+def build_parts(net, optimizer, scheduler) -> tuple:
+    """``net``, ``optimizer`` (default Adam, lr 1e-3) and ``scheduler`` as objects: ``_target_`` configs built."""
+    net = build(net, "model", base=nn.Module) if isinstance(net, Mapping) else net
+    if isinstance(optimizer, Mapping):
+        optimizer = build(optimizer, "optimizer", base=torch.optim.Optimizer)
+    if scheduler is not None and isinstance(scheduler.get("scheduler"), Mapping):
+        scheduler = {**scheduler, "scheduler": build(scheduler["scheduler"], "scheduler", base=SCHEDULERS)}
+    return net, optimizer or partial(torch.optim.Adam, lr=1e-3), scheduler
+
+
+@contextlib.contextmanager
+def _weights_fit(path: str | Path):
+    """Lightning's error for weights that do not fit the network a checkpoint's config describes, in one line."""
+    try:
+        yield
+    except (RuntimeError, pickle.UnpicklingError) as e:
+        if "state_dict" not in str(e):
+            raise
+        raise ConfigError(f"{path}: weights do not fit the architecture its config describes: "
+                          f"{str(e).splitlines()[0]}") from None
+
+
 class Classifier(StepsPerExecution, L.LightningModule):
     """Image classifier: ``net`` gives logits, trained with cross-entropy. ``forward``: float images in
-    [0, 1] ``(B, 1, 28, 28)`` -> float logits ``(B, num_classes)``, normalised inside, ``(x - mean) / std``,
-    with the float32 scalar buffers ``mean`` and ``std`` that ``setup`` takes from the datamodule it is fitted
-    on and every checkpoint keeps. With configs for ``net``, ``optimizer`` and ``scheduler`` (saved as
-    hyper-parameters) a checkpoint describes the whole model: ``Classifier.load_from_checkpoint(path)``.
+    [0, 1] ``(B, 1, 28, 28)`` -> float logits ``(B, num_classes)``, normalised inside with the float32 scalar
+    buffers ``mean`` and ``std`` that ``setup`` takes from the fitted datamodule and every checkpoint keeps.
+    Configs for ``net``, ``optimizer`` and ``scheduler`` are saved as hyper-parameters, so a checkpoint
+    describes the whole model: ``Classifier.load_from_checkpoint(path)``.
 
     Args:
-        net: a ``_target_`` config of an ``nn.Module`` class (``conf/model/*.yaml``,
-            :func:`mnist_lab.models.model_config`), built here and saved; or an ``nn.Module`` object (then
-            pass an equal one to ``load_from_checkpoint(path, net=...)``). Normalised images -> logits.
-        optimizer: a ``_target_`` config of a ``torch.optim.Optimizer`` class with ``_partial_: true``, or a
-            ``params -> Optimizer`` callable; default Adam, lr 1e-3 (the published protocol).
-        scheduler: Lightning's LR-scheduler dict, ``{"scheduler": <partial config or callable>, "interval":
-            "epoch" | "step", "monitor": "val/loss"}``; a one-cycle schedule without ``total_steps`` is sized
-            to the run.
-        num_classes: classes (the data's ``num_classes``).
-        channels_last: keep conv weights and input batches in NHWC memory format.
-        compile, compile_mode: run the network's bound ``forward`` through ``torch.compile`` (checkpoints keep
-            the plain ``net.*`` keys); ``default``, ``reduce-overhead`` (CUDA graphs) or ``max-autotune``.
-        log_train_steps: also log the batch loss as ``train/loss_step`` every ``trainer.log_every_n_steps``
-            steps (not free for a small net: docs/speed.md).
+        net: a ``_target_`` config of an ``nn.Module`` class (``conf/model/*.yaml``, ``model_config``), or an
+            ``nn.Module`` (then pass an equal one to ``load_from_checkpoint(path, net=...)``).
+        optimizer: a ``_target_`` config with ``_partial_: true``, or a ``params -> Optimizer`` callable.
+        scheduler: Lightning's LR-scheduler dict (``scheduler``: a partial config or callable; ``interval``,
+            ``monitor``); a one-cycle schedule without ``total_steps`` is sized to the run.
+        num_classes: the data's classes. channels_last: NHWC conv weights and batches. compile, compile_mode:
+            ``torch.compile`` the network's bound ``forward`` (checkpoints keep ``net.*``).
+        log_train_steps: also log ``train/loss_step`` every ``trainer.log_every_n_steps`` (docs/speed.md).
         steps_per_execution: mini-batches per Lightning training step, or ``"auto"`` (:mod:`mnist_lab.steps`).
-        label_smoothing: the training target puts ``1 - label_smoothing`` on the label and spreads
-            ``label_smoothing`` over all classes (Szegedy et al. 2016); ``val/loss`` and ``test/loss`` stay
-            the plain cross-entropy.
+        label_smoothing: the training target puts ``1 - label_smoothing`` on the label and spreads the rest
+            over all classes (Szegedy et al. 2016); ``val/loss`` and ``test/loss`` stay plain cross-entropy.
 
     Raises:
-        ConfigError: a ``_target_`` that is not an ``nn.Module`` / optimizer / scheduler class, bad values for
-            the network, ``steps_per_execution`` neither ``"auto"`` nor a positive integer,
-            ``label_smoothing`` outside [0, 1).
+        ConfigError: a ``_target_`` that is not an ``nn.Module`` / optimizer / scheduler class, bad network
+            values, a bad ``steps_per_execution``, ``label_smoothing`` outside [0, 1).
     """
 
     def __init__(self, net: Mapping | nn.Module, optimizer: Mapping | Callable | None = None,
@@ -115,41 +130,28 @@ class Classifier(StepsPerExecution, L.LightningModule):
                  compile: bool = False, compile_mode: str = "default", log_train_steps: bool = False,
                  steps_per_execution: int | str = "auto", label_smoothing: float = 0.0):
         super().__init__()
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ConfigError(f"module.label_smoothing={label_smoothing} is outside [0, 1): it is the share of the "
-                              "target spread over all classes; use e.g. module.label_smoothing=0.1 (0 turns it off)")
+        check_rate("module.label_smoothing", label_smoothing, "the share of the target spread over all classes", 0.1)
         net, optimizer, scheduler = _plain(net), _plain(optimizer), _plain(scheduler)
         # configs are saved, objects are not: a checkpoint must load with weights_only=True
         self.save_hyperparameters(ignore=[name for name, value in (("net", net), ("optimizer", optimizer),
                                                                    ("scheduler", scheduler)) if not _is_data(value)])
-        net = build(net, "model", base=nn.Module) if isinstance(net, Mapping) else net
+        net, self.optimizer_factory, self.scheduler_config = build_parts(net, optimizer, scheduler)
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
-        if isinstance(optimizer, Mapping):
-            optimizer = build(optimizer, "optimizer", base=torch.optim.Optimizer)
-        if scheduler is not None and isinstance(scheduler.get("scheduler"), Mapping):
-            scheduler = {**scheduler, "scheduler": build(scheduler["scheduler"], "scheduler", base=SCHEDULERS)}
         self.check_steps_per_execution()
-        self.optimizer_factory = optimizer or partial(torch.optim.Adam, lr=1e-3)
-        self.scheduler_config = scheduler
         self.register_buffer("mean", torch.tensor(0.0))
         self.register_buffer("std", torch.tensor(1.0))
-        # a compiled bound method is a plain function: not a submodule, so no extra state_dict keys
-        self._compiled_forward = torch.compile(self.net.forward, mode=compile_mode) if compile else None
-        # the epoch's training loss x images, correct and images: running sums on the device, one small add a
-        # step (cheaper than a torchmetrics update). Public: callbacks.Dynamics reads them
-        self.train_sums: torch.Tensor | None = None
+        self._compiled_forward = torch.compile(self.net.forward, mode=compile_mode) if compile else None  # no keys
+        self.train_sums: torch.Tensor | None = None  # the epoch's loss x images, correct, images (Dynamics reads it)
         self.val_metrics, self.test_metrics = eval_metrics(num_classes, "val/"), eval_metrics(num_classes, "test/")
         self.example_input_array = torch.zeros(1, 1, 28, 28)  # one MNIST image: the model summary's FLOPs
 
-    @property
-    def name(self) -> str:
-        """The network's ``name`` (a preset's, e.g. ``"conv2"``), else its class name."""
-        return getattr(self.net, "name", type(self.net).__name__)
+    name = property(lambda self: getattr(self.net, "name", type(self.net).__name__),
+                    doc="The network's ``name`` (a preset's, e.g. ``conv2``), else its class name.")
 
     def flops_per_image(self) -> int:
         """Floating-point operations of one forward pass on one 28x28 image (torch's ``FlopCounterMode``: a
-        multiply-add is 2; convolutions, matrix products and attention). Counted with gradients on, so that
-        a transformer layer takes its plain path, which the counter sees."""
+        multiply-add is 2; convolutions, matrix products and attention), counted with gradients on, so that
+        a transformer layer takes the plain path the counter sees."""
         counter, training = FlopCounterMode(display=False), self.training
         with torch.enable_grad(), counter:
             self.eval()(self.example_input_array.to(self.device))
@@ -159,11 +161,10 @@ class Classifier(StepsPerExecution, L.LightningModule):
     def setup(self, stage: str) -> None:
         """For fit: refuse ``steps_per_execution`` beside options it cannot run with, :func:`cache_gpu_absence`,
         and take the fitted datamodule's normalisation statistics (a resumed run restores the same)."""
-        dm = self.trainer.datamodule
         if stage == "fit":
             self.check_per_step_options()
             cache_gpu_absence()
-            if getattr(dm, "mean", None) is not None:
+            if getattr(dm := self.trainer.datamodule, "mean", None) is not None:
                 self.mean.fill_(dm.mean)
                 self.std.fill_(dm.std)
 
@@ -176,9 +177,8 @@ class Classifier(StepsPerExecution, L.LightningModule):
 
     def model_step(self, batch: tuple[torch.Tensor, torch.Tensor], label_smoothing: float = 0.0):
         """One batch -> ``(mean cross-entropy loss, logits (B, C), labels (B,))``."""
-        x, y = batch
-        logits = self(x)
-        return F.cross_entropy(logits, y, label_smoothing=label_smoothing), logits, y
+        logits = self(batch[0])
+        return F.cross_entropy(logits, batch[1], label_smoothing=label_smoothing), logits, batch[1]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         """One mini-batch ``(images, labels)`` -> its mean loss; with ``steps_per_execution > 1`` a list of
@@ -189,9 +189,8 @@ class Classifier(StepsPerExecution, L.LightningModule):
         """A mini-batch's training loss (label smoothing applied), added to the epoch's running sums."""
         loss, logits, y = self.model_step(batch, self.hparams.label_smoothing)
         with torch.no_grad():
-            n = y.numel()
-            step = torch.stack([loss.detach().float() * n, (logits.argmax(1) == y).sum().float(),
-                                torch.full((), float(n), device=y.device)])
+            step = torch.stack([loss.detach().float() * y.numel(), (logits.argmax(1) == y).sum().float(),
+                                torch.full((), float(y.numel()), device=y.device)])
             self.train_sums = step if self.train_sums is None else self.train_sums + step
         if self.hparams.log_train_steps:
             self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False)
@@ -202,8 +201,8 @@ class Classifier(StepsPerExecution, L.LightningModule):
             self.step_schedulers("epoch", plateau=True)
         if self.train_sums is not None:  # the mean over images; ranks train equal shares: mean over ranks
             loss_sum, correct, images = self.train_sums
-            self.log("train/loss", loss_sum / images, prog_bar=True, sync_dist=True)
-            self.log("train/acc", correct / images, prog_bar=True, sync_dist=True)
+            self.log_dict({"train/loss": loss_sum / images, "train/acc": correct / images}, prog_bar=True,
+                          sync_dist=True)
             self.train_sums = None
 
     def _eval_step(self, batch, metrics: MetricCollection, prefix: str) -> torch.Tensor:
@@ -230,22 +229,13 @@ class Classifier(StepsPerExecution, L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location=None, hparams_file=None, strict=None,
                              weights_only: bool = True, **kwargs) -> "Classifier":
-        """Lightning's ``load_from_checkpoint``, safe by default (``weights_only=True``, and
-        :func:`check_checkpoint` first); the model takes images in [0, 1].
-
-        Raises:
-            ConfigError: as :func:`check_checkpoint`, or weights that do not fit the network the config describes.
-        """
+        """Lightning's ``load_from_checkpoint``, safe by default (``weights_only=True``, :func:`check_checkpoint`
+        first). Raises ConfigError: as that, or weights that do not fit the network the config describes."""
         if weights_only and "net" not in kwargs:  # the file is read twice: here memory-mapped, to check it
             check_checkpoint(checkpoint_path)
-        try:
+        with _weights_fit(checkpoint_path):
             return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                                 strict=strict, weights_only=weights_only, **kwargs)
-        except (RuntimeError, pickle.UnpicklingError) as e:
-            if "state_dict" not in str(e):
-                raise
-            raise ConfigError(f"{checkpoint_path}: weights do not fit the architecture its config describes: "
-                              f"{str(e).splitlines()[0]}") from None
 
     def configure_optimizers(self):
         try:
@@ -255,7 +245,7 @@ class Classifier(StepsPerExecution, L.LightningModule):
         if self.scheduler_config is None:
             return opt
         factory = self.scheduler_config["scheduler"]
-        one_cycle = getattr(factory, "func", None) is torch.optim.lr_scheduler.OneCycleLR
-        if one_cycle and "total_steps" not in factory.keywords:  # sized by the run: epochs x batches
+        if getattr(factory, "func", None) is torch.optim.lr_scheduler.OneCycleLR and "total_steps" not in \
+                factory.keywords:  # sized by the run: epochs x batches
             factory = partial(factory, total_steps=int(self.trainer.estimated_stepping_batches))
         return {"optimizer": opt, "lr_scheduler": {**self.scheduler_config, "scheduler": factory(opt)}}

@@ -5,12 +5,12 @@ are classified; when none could be, one ``error:`` line and exit code 2. Images 
 are converted to MNIST's form the way the MNIST digits were made (:func:`to_mnist_form`).
 """
 
-import csv
 import glob
 import sys
 from pathlib import Path
 
 import hydra
+import pandas as pd
 import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
@@ -91,17 +91,15 @@ def predict_files(model: Classifier, paths: list[str | Path], top_k: int = 3) ->
     """Classify image files with a :class:`~mnist_lab.Classifier` (``Trainer.predict``).
     One dict per file, in order: ``file``, ``prediction`` (int or None), ``probability`` (of the
     prediction), ``top`` (``[(class, probability), ...]``), ``error`` ("" if none)."""
-    rows, images, ok = [], [], []
-    for p in paths:
+    rows, images = [], {}
+    for i, p in enumerate(paths):
+        rows.append({"file": str(p), "prediction": None, "probability": None, "top": [], "error": ""})
         try:
-            images.append(load_image(p))
-            ok.append(len(rows))
-            rows.append({"file": str(p), "prediction": None, "probability": None, "top": [], "error": ""})
+            images[i] = load_image(p)
         except (ValueError, OSError) as e:
-            rows.append({"file": str(p), "prediction": None, "probability": None, "top": [], "error": str(e)})
+            rows[i]["error"] = str(e)
     if images:
-        probs = predict(model, torch.stack(images)).softmax(1).cpu()
-        for i, p in zip(ok, probs):
+        for i, p in zip(images, predict(model, torch.stack(list(images.values()))).softmax(1).cpu()):
             top = p.topk(min(top_k, p.numel()))
             rows[i]["top"] = [(int(c), float(v)) for v, c in zip(top.values, top.indices)]
             rows[i]["prediction"], rows[i]["probability"] = rows[i]["top"][0]
@@ -145,12 +143,9 @@ def main(cfg: DictConfig) -> None:
             top = " ".join(f"{c}:{p:.3f}" for c, p in r["top"])
             print(f"{r['file']:<{width}}  {r['prediction']:>5}  {r['probability']:>11.4f}  {top}")
     if cfg.output_csv:
-        with open(cfg.output_csv, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["file", "prediction", "probability", "top", "error"])
-            for r in rows:
-                writer.writerow([r["file"], r["prediction"], r["probability"],
-                                 " ".join(f"{c}:{p:.4f}" for c, p in r["top"]), r["error"]])
+        tops = [" ".join(f"{c}:{p:.4f}" for c, p in r["top"]) for r in rows]
+        table = pd.DataFrame(rows, dtype=object).assign(top=tops)
+        table.to_csv(cfg.output_csv, index=False, lineterminator="\r\n")
         print(f"wrote {cfg.output_csv}")
     failed = sum(bool(r["error"]) for r in rows)
     if failed == len(rows):

@@ -58,26 +58,12 @@ class ConvNet(nn.Module):
             / head, ``head="gap"`` at depth 0, or a width multiplier <= 0.
     """
 
-    def __init__(
-        self,
-        depth: int = 2,
-        channels: Sequence[int] = (32, 64, 64),
-        pool: Sequence[bool] = (True, True, False),
-        kernel_size: int = 3,
-        padding: str = "valid",
-        activation: str = "relu",
-        head: str = "flatten",
-        width: float = 1.0,
-        dense_units: int = 128,
-        dropout: float = 0.0,
-        dropout_all_blocks: bool = False,
-        dense_dropout: float = 0.0,
-        batchnorm: bool = False,
-        in_channels: int = 1,
-        image_size: int = 28,
-        num_classes: int = 10,
-        name: str | None = None,
-    ):
+    def __init__(self, depth: int = 2, channels: Sequence[int] = (32, 64, 64),
+                 pool: Sequence[bool] = (True, True, False), kernel_size: int = 3, padding: str = "valid",
+                 activation: str = "relu", head: str = "flatten",
+                 width: float = 1.0, dense_units: int = 128, dropout: float = 0.0, dropout_all_blocks: bool = False,
+                 dense_dropout: float = 0.0, batchnorm: bool = False, in_channels: int = 1, image_size: int = 28,
+                 num_classes: int = 10, name: str | None = None):
         super().__init__()
         if not isinstance(depth, int) or depth < 0:
             raise ConfigError(f"model.depth={depth!r} must be an integer >= 0 (0 = dense baseline)")
@@ -99,62 +85,33 @@ class ConvNet(nn.Module):
             raise ConfigError("model.head=gap pools conv features: it needs model.depth >= 1")
         if not width > 0:
             raise ConfigError(f"model.width={width} must be > 0 (1 = the preset's widths)")
-        channels = [max(1, round(c * width)) for c in channels]
-        dense_units = max(1, round(dense_units * width)) if dense_units else 0
+        act, channels = ACTIVATIONS[activation], [max(1, round(c * width)) for c in channels]
         self.name = name or f"convnet_d{depth}"
-        self.backbone, c, size = self._backbone(depth, channels, pool, kernel_size, padding, ACTIVATIONS[activation],
-                                                head, dropout, dropout_all_blocks, batchnorm, in_channels, image_size)
-        self.num_features = c * size * size
-        self.head = self._head(self.num_features, dense_units, ACTIVATIONS[activation], dense_dropout, batchnorm,
-                               num_classes)
-
-    @staticmethod
-    def _backbone(depth, channels, pool, kernel_size, padding, act, head, dropout, dropout_all_blocks, batchnorm,
-                  in_channels, image_size) -> tuple[nn.Sequential, int, int]:
-        """The conv blocks, then Flatten; returns it with the output channels and feature-map side (px)."""
-        layers: list[nn.Module] = []
-        c, size = in_channels, image_size
-        for i in range(depth):
-            size = size - kernel_size + 1 if padding == "valid" else size
-            layers.append(nn.Conv2d(c, channels[i], kernel_size, padding=padding))
-            if batchnorm:
-                layers.append(nn.BatchNorm2d(channels[i]))
-            layers.append(act())
-            if pool[i]:
-                layers.append(nn.MaxPool2d(2))
-                size //= 2
+        layers, c, size = [], in_channels, image_size
+        for i in range(depth):  # conv blocks
+            size = (size - kernel_size + 1 if padding == "valid" else size) // (2 if pool[i] else 1)
             if size < 1:
                 raise ConfigError(f"model.depth={depth}: the feature map of {image_size}px images shrinks "
                                   f"to nothing at block {i + 1}; lower depth or set some model.pool to false")
-            if dropout and (dropout_all_blocks or i == depth - 1):
-                layers.append(nn.Dropout(dropout))
+            layers += [nn.Conv2d(c, channels[i], kernel_size, padding=padding),
+                       *_if(batchnorm, nn.BatchNorm2d(channels[i])), act(), *_if(pool[i], nn.MaxPool2d(2)),
+                       *_if(dropout and (dropout_all_blocks or i == depth - 1), nn.Dropout(dropout))]
             c = channels[i]
-        if head == "gap":
-            layers.append(nn.AdaptiveAvgPool2d(1))
-            size = 1
-        layers.append(nn.Flatten())
-        if depth == 0 and dropout:
-            layers.append(nn.Dropout(dropout))
-        return nn.Sequential(*layers), c, size
-
-    @staticmethod
-    def _head(features: int, dense_units: int, act, dense_dropout: float, batchnorm: bool,
-              num_classes: int) -> nn.Sequential:
-        """``Linear -> [BatchNorm1d] -> activation -> [Dropout] -> Linear`` (the last alone without dense units)."""
-        dense: list[nn.Module] = []
-        if dense_units:
-            dense.append(nn.Linear(features, dense_units))
-            if batchnorm:
-                dense.append(nn.BatchNorm1d(dense_units))
-            dense.append(act())
-            if dense_dropout:
-                dense.append(nn.Dropout(dense_dropout))
-            features = dense_units
-        dense.append(nn.Linear(features, num_classes))
-        return nn.Sequential(*dense)
+        size = 1 if head == "gap" else size
+        self.backbone = nn.Sequential(*layers, *_if(head == "gap", nn.AdaptiveAvgPool2d(1)), nn.Flatten(),
+                                      *_if(depth == 0 and dropout, nn.Dropout(dropout)))
+        self.num_features = features = c * size * size
+        units = max(1, round(dense_units * width)) if dense_units else 0  # the head: [Linear, BN, act, Dropout], Linear
+        dense = [nn.Linear(features, units), *_if(batchnorm, nn.BatchNorm1d(units)), act(),
+                 *_if(dense_dropout, nn.Dropout(dense_dropout))] if units else []
+        self.head = nn.Sequential(*dense, nn.Linear(units or features, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
+
+
+def _if(condition, layer: nn.Module) -> list[nn.Module]:
+    return [layer] if condition else []
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
