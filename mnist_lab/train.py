@@ -53,7 +53,8 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str 
     quiet_lightning()
     resuming = ckpt_path is not None
     cfg = _with_run_dir(cfg, output_dir, resuming)
-    status = RunStatus(RunDir(cfg.run_dir), resuming)
+    status, files = RunStatus(RunDir(cfg.run_dir), resuming), RunFiles(cfg, resuming)
+    run_callbacks = [files, status, *([RunPlots(cfg.run_dir, resuming)] if cfg.get("plots") else [])]
     with status.guard():
         _check(cfg)
         if cfg.get("threads"):
@@ -64,8 +65,6 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str 
         suite = build(cfg.eval, "eval", base=EvaluationSuite)
         named = build_all(cfg.callbacks, "callbacks", base=L.Callback)
         bar = cfg.trainer.enable_progress_bar  # Lightning refuses a progress bar callback without it
-        files = RunFiles(cfg, resuming)
-        run_callbacks = [files, status, *([RunPlots(cfg.run_dir, resuming)] if cfg.plots else [])]
         trainer = build(cfg.trainer, "trainer", base=(L.Trainer, ClusterEnvironment),
                         logger=list(build_all(cfg.logger, "logger", base=Logger).values()),
                         callbacks=[*(c for c in named.values() if bar or not isinstance(c, ProgressBar)), suite,

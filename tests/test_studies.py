@@ -102,7 +102,9 @@ def test_a_selector_matches_overrides_as_written_in_yaml():
 @pytest.mark.parametrize("name", STUDIES)
 def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name, synthetic_root, tmp_path):
     sweep = tmp_path / "study"
-    extra = {"augmentation": ["eval.max_images=100"],  # validations and records within 3 steps an epoch:
+    extra = {"augmentation": ["eval.max_images=100",  # the perturbations its columns read, of 100 images
+                              "+eval.perturbations={rotation:[0,20],translation:[0,4],noise:[0.3]}"],
+             # validations and records within 3 steps an epoch:
              "dynamics": ["trainer.max_epochs=5", "trainer.val_check_interval=1", "callbacks.dynamics.every_n_steps=2"],
              }.get(name, [])
     proc = cli("mnist_lab.train", f"+study={name}", *FAST, *extra, f"hydra.sweep.dir={sweep}", data_root=synthetic_root,
