@@ -1,5 +1,5 @@
-"""What must not change across versions: a checkpoint written by mnist_lab 0.2.0 loads and gives the
-figures 0.2.0 recorded, in every command and in ``load_from_checkpoint``; the names 0.3 deprecated
+"""What must not change across versions: a checkpoint written by mnist_lab 0.2.0 or 0.3.0 loads and gives
+the figures that version recorded, in every command and in ``load_from_checkpoint``; the names 0.3 deprecated
 still work, with a warning; the package installs from a wheel with its configs."""
 
 import json
@@ -16,21 +16,22 @@ import mnist_lab
 from mnist_lab import Classifier, MNISTDataModule, evaluate_model
 from mnist_lab.evaluate import predict
 
-OLD = REPO / "tests" / "data" / "v0.2.0"  # depthwise_3k, 2 epochs on write_synthetic_mnist's data, by 0.2.0
+# depthwise_3k, 2 epochs on write_synthetic_mnist's data, by mnist_lab 0.2.0 and by 0.3.0 (a433b90)
+VERSIONS = sorted((REPO / "tests" / "data").glob("v*"))
 
 
-@pytest.fixture(scope="module")
-def old(tmp_path_factory):
-    """The 0.2.0 checkpoint, the metrics.json its run wrote, and the synthetic data it was trained on."""
+@pytest.fixture(scope="module", params=VERSIONS, ids=[v.name for v in VERSIONS])
+def old(request, tmp_path_factory):
+    """An older version's checkpoint, the metrics.json its run wrote, and the synthetic data it was trained on."""
     root = write_synthetic_mnist(tmp_path_factory.mktemp("data"))
-    return OLD / "depthwise_3k.ckpt", json.loads((OLD / "metrics.json").read_text()), root
+    return request.param / "depthwise_3k.ckpt", json.loads((request.param / "metrics.json").read_text()), root
 
 
-def test_a_0_2_checkpoint_gives_the_figures_0_2_recorded(old):
+def test_an_older_checkpoint_gives_the_figures_its_version_recorded(old):
     ckpt, recorded, root = old
     model = Classifier.load_from_checkpoint(ckpt)
     dm = MNISTDataModule.load_from_checkpoint(ckpt, root=str(root))
-    result = evaluate_model(model, dm)  # Trainer.test with the evaluation suite, seed 0 as in 0.2's run
+    result = evaluate_model(model, dm)  # Trainer.test with the evaluation suite, seed 0 as in the old run
     assert 0.15 < recorded["test/acc"] < 0.95  # undertrained: another model would not match by chance
     for key in ("test/acc", "test/loss", "test/f1_macro", "test/ece", "test/nll_scaled"):
         assert result[key] == pytest.approx(recorded[key], abs=1e-5), key
@@ -38,7 +39,7 @@ def test_a_0_2_checkpoint_gives_the_figures_0_2_recorded(old):
     assert result["n_test"] == recorded["n_test"] == 100
 
 
-def test_a_0_2_checkpoint_works_in_every_command(old, tmp_path):
+def test_an_older_checkpoint_works_in_every_command(old, tmp_path):
     ckpt, recorded, root = old
     def run(*args):  # the console script's function (mnist-lab COMMAND ...), in this process
         proc = cli("mnist_lab.cli", *args, data_root=root, cwd=tmp_path)
