@@ -38,8 +38,7 @@ from mnist_lab.transforms import RandomAffineBatch, to_unit
 if sys.argv[:1] != ["-m"]:
     from mnist_lab.train import resume, train
 _LAZY = {
-    **dict.fromkeys(["evaluate_checkpoint", "evaluate_model", "evaluate_robustness", "load_checkpoint",
-                     "predict_logits"], "mnist_lab.evaluate"),
+    **dict.fromkeys(["evaluate_checkpoint", "evaluate_model"], "mnist_lab.evaluate"),
     **dict.fromkeys(["predict_files", "to_mnist_form"], "mnist_lab.predict"),
 }
 
@@ -53,7 +52,7 @@ def __getattr__(name: str):
 __all__ = [
     "__version__", "Classifier", "ConfigError", "ConvNet", "DataError", "EvaluationSuite", "MNISTDataModule",
     "MnistLabError", "RandomAffineBatch", "RunDir", "aggregate", "build_model", "calibration", "collect",
-    "count_parameters", "error_analysis", "evaluate_checkpoint", "evaluate_model", "evaluate_robustness",
-    "fit_temperature", "list_presets", "load_checkpoint", "load_config", "model_config", "predict_files",
-    "predict_logits", "read_history", "read_summary", "resume", "to_mnist_form", "to_unit", "train",
+    "count_parameters", "error_analysis", "evaluate_checkpoint", "evaluate_model", "fit_temperature", "list_presets",
+    "load_config", "model_config", "predict_files", "read_history", "read_summary", "resume", "to_mnist_form",
+    "to_unit", "train",
 ]

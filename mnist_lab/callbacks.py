@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 
-from mnist_lab.errors import ConfigError, TrainingDiverged, check_rate
+from mnist_lab.errors import ConfigError, TrainingDiverged, check_count, check_rate
 
 
 class EMA(EMAWeightAveraging):
@@ -75,10 +75,8 @@ class Dynamics(L.Callback):
     """
 
     def __init__(self, every_n_steps: int | None = None):
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
-                                          or every_n_steps < 1):
-            raise ConfigError(f"callbacks.dynamics.every_n_steps={every_n_steps!r} must be a positive number of "
-                              "optimizer steps, e.g. 50 (null turns the dynamics off)")
+        if every_n_steps is not None:
+            check_count("callbacks.dynamics.every_n_steps", every_n_steps, 1, "50", " optimizer steps; null: off")
         self.every_n_steps = every_n_steps
         self._before: dict | None = None
         self._sums_at_last_record: torch.Tensor | None = None
@@ -152,8 +150,7 @@ class DivergenceGuard(L.Callback):
     """
 
     def __init__(self, check_every_n_steps: int = 1, max_loss: float | None = 1e4):
-        if not isinstance(check_every_n_steps, int) or check_every_n_steps < 1:
-            raise ValueError(f"check_every_n_steps={check_every_n_steps!r} must be a positive integer")
+        check_count("callbacks.divergence.check_every_n_steps", check_every_n_steps, 1, "100")
         self.every, self.max_loss = check_every_n_steps, max_loss
         self._bad: torch.Tensor | None = None  # any bad loss since the last check (a flag on the device)
         self._loss: torch.Tensor | None = None  # the last training step's losses, (K,) with steps_per_execution

@@ -15,7 +15,7 @@ import torchvision
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from mnist_lab.batches import BatchIndexSampler, InMemoryBatches
-from mnist_lab.errors import ConfigError, DataError, check_bool
+from mnist_lab.errors import ConfigError, DataError, check_bool, check_choice, check_count
 from mnist_lab.rundir import read_checkpoint
 from mnist_lab.transforms import RandomAffineBatch
 
@@ -57,12 +57,10 @@ def stratified_split(labels: torch.Tensor, fractions: Sequence[float], seed: int
     ``round(fractions[j] * N)`` samples (part 0 takes the rounding rest), each class within one sample
     of ``fractions[j] * class_count``. Depends only on ``labels``, ``fractions`` and ``seed`` (its own
     generator, not the global RNG)."""
-    n = labels.numel()
-    g = torch.Generator().manual_seed(seed)
+    n, k, g = labels.numel(), len(fractions), torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
     by_class = perm[torch.argsort(labels[perm], stable=True)]  # grouped by class, random within
     counts = torch.bincount(labels, minlength=num_classes).double()
-    k = len(fractions)
     quota = torch.zeros(counts.numel(), k, dtype=torch.long)
     for j in range(1, k):  # parts 1.. get exact totals by largest remainder; part 0 takes the rest
         want = counts * fractions[j]
@@ -74,12 +72,10 @@ def stratified_split(labels: torch.Tensor, fractions: Sequence[float], seed: int
     quota[:, 0] = counts.long() - quota[:, 1:].sum(1)
     if (quota[:, 0] < 0).any():
         raise ConfigError(f"fractions {list(fractions)} leave no room for some class; use larger first fraction")
-    parts = [[] for _ in range(k)]
-    for c, segment in enumerate(torch.split(by_class, counts.long().tolist())):
-        for j, piece in enumerate(torch.split(segment, quota[c].tolist())):
-            parts[j].append(piece)
+    pieces = [torch.split(segment, quota[c].tolist())
+              for c, segment in enumerate(torch.split(by_class, counts.long().tolist()))]
     # shuffle each part once so the stored order is not grouped by class
-    return [p[torch.randperm(p.numel(), generator=g)] for p in (torch.cat(ps) for ps in parts)]
+    return [p[torch.randperm(p.numel(), generator=g)] for p in (torch.cat(ps) for ps in zip(*pieces))]
 
 
 def check_args(dataset: str, split: str, fractions: Sequence[float], val_fraction: float, normalize: str,
@@ -93,8 +89,7 @@ def check_args(dataset: str, split: str, fractions: Sequence[float], val_fractio
     """
     for key, value, choices in (("dataset", dataset, DATASETS), ("split", split, ("pooled", "official")),
                                 ("normalize", normalize, ("standardize", "rescale"))):
-        if value not in choices:
-            raise ConfigError(f"unknown data.{key}={value!r}; choose one of {', '.join(choices)}")
+        check_choice(f"data.{key}", value, choices)
     fractions = [float(f) for f in fractions]
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise ConfigError(f"data.fractions={fractions} must be three non-negative train/val/test "
@@ -104,8 +99,7 @@ def check_args(dataset: str, split: str, fractions: Sequence[float], val_fractio
     if not 0 < val_fraction < 1:
         raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 1), e.g. 0.1")
     for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"data.{name}={value!r} must be a positive integer")
+        check_count(f"data.{name}", value, 1, f"data.{name}=64")
     check_bool("aug/data.augment", augment, " (on the command line: +aug=true or +aug=false)")
     return fractions
 
@@ -167,8 +161,7 @@ class MNISTDataModule(L.LightningDataModule):
         self.root = Path(root if root is not None else os.environ.get("MNIST_LAB_DATA") or "data")
         self.dataset_cls = DATASETS[dataset]
         self.augmenter = RandomAffineBatch(**dict(augmentation or {})) if augment else None
-        self.mean: float | None = None  # set by setup()
-        self.std: float | None = None
+        self.mean, self.std = None, None  # float, set by setup()
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.split_indices: dict[str, torch.Tensor] = {}
 
@@ -192,8 +185,7 @@ class MNISTDataModule(L.LightningDataModule):
         return [raw / Path(url).name.removesuffix(".gz") for url, _ in self.dataset_cls.resources]
 
     def _not_found(self, reason: str) -> DataError:
-        missing = [f for f in self._files() if not f.is_file()]
-        name = self.dataset_cls.__name__
+        missing, name = [f for f in self._files() if not f.is_file()], self.dataset_cls.__name__
         return DataError(f"{name} not found: looked in {missing[0].parent.resolve()} for "
                          f"{', '.join(f.name for f in missing)}, and {reason}. Point mnist_lab at a folder that holds "
                          f"{name}/raw/<those files>: set MNIST_LAB_DATA=/path/to/root or pass data.root=/path/to/root "
@@ -226,8 +218,7 @@ class MNISTDataModule(L.LightningDataModule):
             c = self.hparams.num_classes
             self.splits, self.split_indices = make_splits(read_split(*files[:2], c), read_split(*files[2:], c),
                                                           self.hparams)
-            x = self.splits["train"][0].to(torch.float64).div_(255.0)
-            rescale = self.hparams.normalize == "rescale"
+            x, rescale = self.splits["train"][0].to(torch.float64).div_(255.0), self.hparams.normalize == "rescale"
             self.mean, self.std = (0.0, 1.0) if rescale else (float(x.mean()), float(x.std()))
         if self.hparams.on_device and self.trainer is not None:
             device = self.trainer.strategy.root_device

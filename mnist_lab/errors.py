@@ -59,6 +59,21 @@ def check_bool(key: str, value, fix: str = "") -> bool:
     return value
 
 
+def check_count(key: str, value, minimum: int = 1, example: str = "", fix: str = "") -> int:
+    """``value`` checked to be an integer (not a boolean) of at least ``minimum`` (0 or 1). Raises ConfigError
+    naming ``key``, an ``example`` and a ``fix``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive" if minimum else "a non-negative"
+        raise ConfigError(f"{key}={value!r} must be {kind} integer{f', e.g. {example}' if example else ''}{fix}")
+    return value
+
+
+def check_choice(key: str, value, choices) -> None:
+    """Raises ConfigError naming ``key`` and the ``choices`` when ``value`` is not one of them."""
+    if value not in choices:
+        raise ConfigError(f"unknown {key}={value!r}; choose one of {', '.join(choices)}")
+
+
 def check_list(key: str, value, example: str) -> list:
     """``value`` checked to be a list (one entry per block or stage), returned as one.
     Raises ConfigError naming ``key`` and an ``example`` of the right form."""

@@ -6,20 +6,17 @@ its data from a checkpoint alone and writes into the run dir (or ``output_dir=``
 checkpoints it reports each and their ensemble.
 """
 
-import warnings
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from mnist_lab.config import CONF_DIR
-from mnist_lab.console import quiet_lightning
+from mnist_lab.console import command
 from mnist_lab.data import MNISTDataModule
-from mnist_lab.errors import ConfigError, MnistLabError, check_bool, exit_with
+from mnist_lab.errors import ConfigError, check_bool
 from mnist_lab.module import Classifier
 from mnist_lab.rundir import given_checkpoints, write_json
 from mnist_lab.suite import EvaluationSuite
@@ -147,56 +144,24 @@ def _from_checkpoint(ckpt_path: str | Path, data_root: str | Path | None = None)
     return model, MNISTDataModule.load_from_checkpoint(ckpt_path, map_location="cpu", **root)
 
 
-def load_checkpoint(ckpt_path: str | Path, data_root: str | Path | None = None,
-                    device=None) -> tuple[Classifier, MNISTDataModule]:
-    """Deprecated since 0.3: use ``Classifier.load_from_checkpoint(path)`` and
-    ``MNISTDataModule.load_from_checkpoint(path)``. Returns ``(model, datamodule)``, the model on ``device``."""
-    warnings.warn("mnist_lab.load_checkpoint is deprecated: use Classifier.load_from_checkpoint(path) and "
-                  "MNISTDataModule.load_from_checkpoint(path)", DeprecationWarning, stacklevel=2)
-    model, datamodule = _from_checkpoint(ckpt_path, data_root)
-    return model.to(device or "cpu"), datamodule
-
-
-def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Deprecated since 0.3: use :func:`predict` (``Trainer.predict``)."""
-    warnings.warn("mnist_lab.predict_logits is deprecated: use mnist_lab.evaluate.predict(model, images)",
-                  DeprecationWarning, stacklevel=2)
-    return predict(model, DataLoader(to_unit(images), batch_size=batch_size))
-
-
-def evaluate_robustness(model: Classifier, datamodule: MNISTDataModule,
-                        perturbations: dict[str, list[float]] | None = None, seed: int = 0,
-                        max_images: int | None = None) -> dict[str, dict[str, float]]:
-    """Deprecated since 0.3: ``evaluate_model(model, datamodule, ...)["robustness"]``, which this returns:
-    ``{kind: {str(strength): top-1 accuracy}}`` on perturbed copies of the test split."""
-    warnings.warn("mnist_lab.evaluate.evaluate_robustness is deprecated: use evaluate_model(...)['robustness']",
-                  DeprecationWarning, stacklevel=2)
-    return evaluate_model(model, datamodule, perturbations=perturbations, seed=seed, max_images=max_images,
-                          temperature=False)["robustness"]
-
-
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
+@command("evaluate")
 def main(cfg: DictConfig) -> None:
     """``python -m mnist_lab.evaluate ckpt_path=PATH | run_dir=PATH [output_dir=DIR] [tta=true]``; with a list
     of checkpoints or run dirs (``ckpt_path=[a.ckpt,b.ckpt]``), their ensemble's test accuracy; ``tta=true``
     adds test-time augmentation, measured on validation and test (``tta.json``, ``ensemble.json``)."""
-    quiet_lightning()
-    try:
-        for key in ("tta", "temperature"):
-            check_bool(key, cfg[key])
-        ckpts = given_checkpoints(cfg.ckpt_path, cfg.run_dir)
-        out = Path(cfg.output_dir) if cfg.output_dir else (ckpts[0].parent.parent if len(ckpts) == 1 else None)
-        if len(ckpts) > 1 or cfg.tta:
-            ensemble = evaluate_ensemble(ckpts, data_root=cfg.data_root, max_images=cfg.max_images, tta=cfg.tta)
-            if out is not None:
-                out.mkdir(parents=True, exist_ok=True)
-                write_json(out / ("ensemble.json" if len(ckpts) > 1 else "tta.json"), ensemble)
-        if len(ckpts) == 1:
-            result = evaluate_checkpoint(ckpts[0], out, data_root=cfg.data_root, seed=cfg.seed,
-                                         temperature=cfg.temperature, max_images=cfg.max_images)
-    except MnistLabError as e:
-        exit_with(e)
-    if len(ckpts) > 1:
+    for key in ("tta", "temperature"):
+        check_bool(key, cfg[key])
+    ckpts = given_checkpoints(cfg.ckpt_path, cfg.run_dir)
+    out = Path(cfg.output_dir) if cfg.output_dir else (ckpts[0].parent.parent if len(ckpts) == 1 else None)
+    if len(ckpts) > 1 or cfg.tta:
+        ensemble = evaluate_ensemble(ckpts, data_root=cfg.data_root, max_images=cfg.max_images, tta=cfg.tta)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            write_json(out / ("ensemble.json" if len(ckpts) > 1 else "tta.json"), ensemble)
+    if len(ckpts) == 1:
+        result = evaluate_checkpoint(ckpts[0], out, data_root=cfg.data_root, seed=cfg.seed,
+                                     temperature=cfg.temperature, max_images=cfg.max_images)
+    else:
         for m in [*ensemble["members"], {"checkpoint": f"ensemble of {len(ckpts)} (mean probabilities)",
                                          **ensemble["ensemble"]}]:
             print(f"{m['checkpoint']}  test/acc: {m['test/acc']:.4f}  NLL: {m['test/nll']:.4f}")

@@ -17,14 +17,12 @@ import importlib.util
 import warnings
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from mnist_lab.config import CONF_DIR
-from mnist_lab.console import quiet_lightning
-from mnist_lab.errors import ConfigError, MnistLabError, exit_with
+from mnist_lab.console import command
+from mnist_lab.errors import ConfigError, check_choice
 from mnist_lab.module import Classifier
 from mnist_lab.rundir import given_checkpoints
 
@@ -44,8 +42,7 @@ def export_model(model: Classifier, path: str | Path, format: str = "onnx") -> P
     Raises:
         ConfigError: an unknown format, or a package the format needs is not installed.
     """
-    if format not in FORMATS:
-        raise ConfigError(f"format={format!r} is not one of {', '.join(FORMATS)}")
+    check_choice("format", format, FORMATS)
     missing = [p for p in NEEDS[format] if importlib.util.find_spec(p) is None]
     if missing:
         raise ConfigError(f"format={format} needs {', '.join(missing)}: pip install -e \".[export]\"")
@@ -88,18 +85,14 @@ def run_exported(path: str | Path, images: torch.Tensor) -> torch.Tensor:
         return torch.export.load(str(path)).module()(images)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="export")
+@command("export")
 def main(cfg: DictConfig) -> None:
     """``python -m mnist_lab.export ckpt_path=PATH | run_dir=PATH [format=onnx] [output=FILE]``."""
-    quiet_lightning()
-    try:
-        ckpts = given_checkpoints(cfg.ckpt_path, cfg.run_dir)
-        if len(ckpts) > 1:
-            raise ConfigError("export writes one model: give one ckpt_path or run_dir, not a list")
-        model = Classifier.load_from_checkpoint(ckpts[0], map_location="cpu")
-        path = export_model(model, cfg.output or ckpts[0].with_suffix(FORMATS.get(cfg.format, "")), cfg.format)
-    except MnistLabError as e:
-        exit_with(e)
+    ckpts = given_checkpoints(cfg.ckpt_path, cfg.run_dir)
+    if len(ckpts) > 1:
+        raise ConfigError("export writes one model: give one ckpt_path or run_dir, not a list")
+    model = Classifier.load_from_checkpoint(ckpts[0], map_location="cpu")
+    path = export_model(model, cfg.output or ckpts[0].with_suffix(FORMATS.get(cfg.format, "")), cfg.format)
     images = torch.rand(cfg.check_images, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (run_exported(path, images) - model(images)).abs().max().item()

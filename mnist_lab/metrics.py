@@ -7,14 +7,7 @@ The evaluation suite (:class:`mnist_lab.suite.EvaluationSuite`) calls them on th
 import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassCalibrationError,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassPrecision,
-    MulticlassRecall,
-)
+from torchmetrics import classification as tm
 
 #: Perturbations and strengths of the robustness suite (units: see ``transforms.perturb``).
 ROBUSTNESS = {
@@ -33,10 +26,10 @@ ECE_BINS = 15
 def eval_metrics(num_classes: int, prefix: str) -> MetricCollection:
     """Top-1 accuracy and macro precision / recall / F1, named ``<prefix>acc`` etc."""
     return MetricCollection({
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "precision_macro": MulticlassPrecision(num_classes, average="macro"),
-        "recall_macro": MulticlassRecall(num_classes, average="macro"),
-        "f1_macro": MulticlassF1Score(num_classes, average="macro"),
+        "acc": tm.MulticlassAccuracy(num_classes, average="micro"),
+        "precision_macro": tm.MulticlassPrecision(num_classes, average="macro"),
+        "recall_macro": tm.MulticlassRecall(num_classes, average="macro"),
+        "f1_macro": tm.MulticlassF1Score(num_classes, average="macro"),
     }, prefix=prefix)
 
 
@@ -60,7 +53,7 @@ def calibration(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BI
         ``{"ece", "nll", "accuracy", "bins": [{"lower", "upper", "count", "confidence", "accuracy"}]}``.
     """
     probs = logits.softmax(1)
-    ece = MulticlassCalibrationError(logits.shape[1], n_bins=n_bins, norm="l1").to(logits.device)
+    ece = tm.MulticlassCalibrationError(logits.shape[1], n_bins=n_bins, norm="l1").to(logits.device)
     conf, pred = probs.max(1)
     correct = (pred == labels).float()
     edges = torch.linspace(0, 1, n_bins + 1, device=logits.device)
@@ -101,9 +94,9 @@ def error_analysis(logits: torch.Tensor, labels: torch.Tensor, top_pairs: int = 
     and the ``top_pairs`` most frequent (true, predicted) mistakes."""
     c, dev = logits.shape[1], logits.device
     per_class = {name: metric(c, average=None).to(dev)(logits, labels).tolist()
-                 for name, metric in (("precision", MulticlassPrecision), ("recall", MulticlassRecall),
-                                      ("f1", MulticlassF1Score))}
-    cm = MulticlassConfusionMatrix(c).to(dev)(logits, labels).cpu()
+                 for name, metric in (("precision", tm.MulticlassPrecision), ("recall", tm.MulticlassRecall),
+                                      ("f1", tm.MulticlassF1Score))}
+    cm = tm.MulticlassConfusionMatrix(c).to(dev)(logits, labels).cpu()
     support = cm.sum(1)
     off = cm.clone().fill_diagonal_(0)
     order = torch.argsort(off.flatten(), descending=True)[:top_pairs]

@@ -15,7 +15,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mnist_lab.rundir import RunDir, group_history, read_history
+from mnist_lab.rundir import RunDir, column, group_history, read_history
 
 UNITS = {"rotation": "degrees", "translation": "pixels", "zoom": "scale factor", "noise": "noise std",
          "elastic": "alpha (px)"}
@@ -42,8 +42,9 @@ class RunPlots(L.Callback):
             plot_dynamics(history, self.run.path / "dynamics.png", title=name)
 
 
-def _series(frame: pd.DataFrame, name: str) -> pd.Series:
-    return frame[name].dropna() if name in frame else pd.Series(dtype=float)
+def _figure(width: float, height: float, *grid, **kwargs):
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots(*grid, **kwargs)
 
 
 def _axes(ax, xlabel: str, ylabel: str, integer: bool = True, **kwargs) -> None:
@@ -63,10 +64,10 @@ def _save(fig: Figure, path: str | Path, title: str) -> Path:
 def plot_curves(history: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """``curves.png`` of a run's history (:func:`~mnist_lab.rundir.read_history`): train and val loss (left)
     and top-1 accuracy (right) per epoch."""
-    epochs, fig = group_history(history, "epoch"), Figure(figsize=(10, 3.8))
-    for ax, metric in zip(fig.subplots(1, 2), ("loss", "acc")):
+    epochs, (fig, axes) = group_history(history, "epoch"), _figure(10, 3.8, 1, 2)
+    for ax, metric in zip(axes, ("loss", "acc")):
         for split, style in (("train", "o-"), ("val", "s--")):
-            if len(values := _series(epochs, f"{split}/{metric}")):
+            if len(values := column(epochs, f"{split}/{metric}")):
                 ax.plot(values.index + 1, values.to_numpy(), style, label=split)
         _axes(ax, "epoch", "cross-entropy loss" if metric == "loss" else "top-1 accuracy")
         ax.legend()
@@ -78,20 +79,20 @@ def plot_dynamics(history: pd.DataFrame, path: str | Path, title: str = "") -> P
     training loss (per record) and the validation loss (per validation) against optimizer steps; the global
     gradient norm; the update ratio ``||dw|| / ||w||`` of each layer (all three log y); the generalisation
     gap (train minus val top-1 accuracy) per epoch."""
-    steps, epochs, fig = group_history(history, "step"), group_history(history, "epoch"), Figure(figsize=(12, 8))
-    (loss, grad), (ratio, gap) = fig.subplots(2, 2)
+    steps, epochs = group_history(history, "step"), group_history(history, "epoch")
+    fig, ((loss, grad), (ratio, gap)) = _figure(12, 8, 2, 2)
     for ax, metric, style, label in ((loss, "dynamics/train_loss", "-", "train (per record)"),
                                      (loss, "val/loss", "s--", "val"), (grad, "dynamics/grad_norm", "-", None),
                                      *((ratio, k, "-", k.removeprefix("update_ratio/"))
                                        for k in sorted(k for k in steps if k.startswith("update_ratio/")))):
-        if len(series := _series(steps, metric)):
+        if len(series := column(steps, metric)):
             ax.plot(series.index + 1, series.to_numpy(), style, label=label)
     for ax, ylabel in ((loss, "cross-entropy loss"), (grad, "gradient norm (L2, all parameters)"),
                        (ratio, "update ratio ||dw|| / ||w||")):
         _axes(ax, "optimizer step", ylabel, integer=False, yscale="log")
     loss.legend()
     ratio.legend(fontsize=7, ncol=2)
-    diff = (_series(epochs, "train/acc") - _series(epochs, "val/acc")).dropna()
+    diff = (column(epochs, "train/acc") - column(epochs, "val/acc")).dropna()
     gap.plot(diff.index + 1, diff.to_numpy(), "o-")
     gap.axhline(0, color="grey", lw=0.8)
     _axes(gap, "epoch", "train - val top-1 accuracy")
@@ -102,8 +103,7 @@ def plot_confusion_matrix(confusion: torch.Tensor, path: str | Path, title: str 
     """``confusion_matrix.png``: counts ``(C, C)``, rows = true class, columns = predicted class. Cells are
     coloured by the row-normalised rate and labelled with counts."""
     cm = confusion.detach().cpu().to(torch.int64)
-    rate, fig = cm.double() / cm.sum(1, keepdim=True).clamp_min(1), Figure(figsize=(6.4, 5.6))
-    ax = fig.subplots()
+    rate, (fig, ax) = cm.double() / cm.sum(1, keepdim=True).clamp_min(1), _figure(6.4, 5.6)
     im = ax.imshow(rate.numpy(), cmap="Blues", vmin=0, vmax=1)
     for (i, j), count in np.ndenumerate(cm.numpy()):
         if count:
@@ -117,8 +117,8 @@ def plot_confusion_matrix(confusion: torch.Tensor, path: str | Path, title: str 
 def _digits(images: torch.Tensor, titles: list[str], path: str | Path, title: str, cols: int, cell: tuple) -> Path:
     """A grid of digits ``(N, 28, 28)`` (uint8 or float), each with its title; ``cell``: inches a digit."""
     rows = math.ceil(max(len(titles), 1) / cols)
-    fig = Figure(figsize=(cell[0] * cols, cell[1] * rows))
-    for k, ax in enumerate(fig.subplots(rows, cols, squeeze=False).flat):
+    fig, axes = _figure(cell[0] * cols, cell[1] * rows, rows, cols, squeeze=False)
+    for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k < len(titles):
             ax.imshow(images[k].detach().cpu().float().numpy(), cmap="gray_r")
@@ -149,8 +149,7 @@ def plot_acc_vs_params(groups: pd.DataFrame, path: str | Path, title: str = "",
     ``(x, accuracy)`` points (e.g. published results) are drawn as crosses, ``front`` (the Pareto-front
     configurations) as a dashed line, ``records`` (``{"label", "x", "mean", "std"}``: presets trained with
     their own recipes) as stars."""
-    fig = Figure(figsize=(8, 5))
-    ax = fig.subplots()
+    fig, ax = _figure(8, 5)
     markers = dict(zip(dict.fromkeys(groups["architecture"].fillna("")), "osD^vP*hX"))
     for _, g in groups.iterrows():
         arch = g["architecture"] if isinstance(g["architecture"], str) else ""
@@ -167,9 +166,7 @@ def plot_acc_vs_params(groups: pd.DataFrame, path: str | Path, title: str = "",
                     label="record presets (own recipes)")
         ax.annotate(r["label"], (r["x"], r["mean"]), textcoords="offset points", xytext=(6, -10), fontsize=7,
                     color="crimson")
-    handles, labels = ax.get_legend_handles_labels()
-    if labels:
-        unique = dict(zip(labels, handles))
+    if unique := dict(zip(*ax.get_legend_handles_labels()[::-1])):
         ax.legend(unique.values(), unique.keys(), fontsize=8)
     _axes(ax, "FLOPs per image, forward pass (log scale)" if x == "flops_per_image" else
           "trainable parameters (log scale)", "test top-1 accuracy (mean ± std over seeds)", False, xscale="log")
@@ -179,8 +176,7 @@ def plot_acc_vs_params(groups: pd.DataFrame, path: str | Path, title: str = "",
 def plot_val_curves(curves: dict[str, pd.DataFrame], path: str | Path, title: str = "") -> Path:
     """``val_curves.png``: val accuracy (left) and val loss (right) per epoch, one line per configuration;
     ``curves``: label -> its mean over seeds, indexed by 0-based epoch, columns ``val/acc`` and ``val/loss``."""
-    fig = Figure(figsize=(11, 4.2))
-    axes = fig.subplots(1, 2)
+    fig, axes = _figure(11, 4.2, 1, 2)
     for ax, metric, ylabel in zip(axes, ("val/acc", "val/loss"), ("val top-1 accuracy", "val cross-entropy loss")):
         for name, curve in curves.items():
             if metric in curve:
@@ -195,8 +191,7 @@ def plot_run_curves(runs: dict[str, list[pd.Series]], metric: str, path: str | P
     """``runs_<metric>.png``: ``metric`` for every run (one thin line a seed), one colour per configuration;
     log scale by default, so a collapsed run does not flatten the others. ``runs``: configuration label ->
     one series per run, indexed by 0-based epoch (or, ``x="optimizer step"``, 0-based step)."""
-    fig = Figure(figsize=(7.5, 4.5))
-    ax = fig.subplots()
+    fig, ax = _figure(7.5, 4.5)
     for i, (name, curves) in enumerate(runs.items()):
         for j, curve in enumerate(curves):
             ax.plot(curve.index + 1, curve.to_numpy(), "o-" if x == "epoch" else "-", ms=2.5, lw=1, alpha=0.8,
@@ -209,13 +204,11 @@ def plot_run_curves(runs: dict[str, list[pd.Series]], metric: str, path: str | P
 def plot_train_val_gap(groups: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """``train_val_gap.png``: last-epoch train accuracy minus val accuracy per configuration (train
     accuracy is measured in train mode, i.e. with dropout and augmentation on)."""
-    fig = Figure(figsize=(8, 0.45 * len(groups) + 1.5))
-    ax = fig.subplots()
+    fig, ax = _figure(8, 0.45 * len(groups) + 1.5)
     ax.barh(range(len(groups)), groups["gap"], xerr=groups["gap std"], capsize=3)
     ax.set_yticks(range(len(groups)), groups["label"], fontsize=8)
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_xlabel("train acc - val acc, last epoch (mean ± std over seeds)")
-    ax.invert_yaxis()
+    ax.set(xlabel="train acc - val acc, last epoch (mean ± std over seeds)", ylim=ax.get_ylim()[::-1])
     ax.grid(alpha=0.3, axis="x")
     return _save(fig, path, title)
 
@@ -223,15 +216,13 @@ def plot_train_val_gap(groups: pd.DataFrame, path: str | Path, title: str = "") 
 def plot_heatmap(groups: pd.DataFrame, key_x: str, key_y: str, path: str | Path, title: str = "") -> Path:
     """``heatmap.png``: mean test accuracy over a 2-factor grid (``key_x`` columns, ``key_y`` rows)."""
     grid = groups.pivot_table(index=key_y, columns=key_x, values="test/acc", aggfunc="first")
-    fig = Figure(figsize=(1.4 * grid.shape[1] + 2.5, 1.0 * grid.shape[0] + 1.8))
-    ax = fig.subplots()
-    im = ax.imshow(grid.to_numpy(dtype=float), cmap="viridis")
-    for (i, j), acc in np.ndenumerate(grid.to_numpy(dtype=float)):
+    fig, ax = _figure(1.4 * grid.shape[1] + 2.5, 1.0 * grid.shape[0] + 1.8)
+    im = ax.imshow(values := grid.to_numpy(dtype=float), cmap="viridis")
+    for (i, j), acc in np.ndenumerate(values):
         if not math.isnan(acc):
             ax.text(j, i, f"{acc:.4f}", ha="center", va="center", color="white", fontsize=9)
-    ax.set_xticks(range(grid.shape[1]), grid.columns)
-    ax.set_yticks(range(grid.shape[0]), grid.index)
-    ax.set(xlabel=key_x, ylabel=key_y)
+    ax.set(xticks=range(grid.shape[1]), xticklabels=grid.columns, yticks=range(grid.shape[0]),
+           yticklabels=grid.index, xlabel=key_x, ylabel=key_y)
     fig.colorbar(im, ax=ax, label="mean test top-1 accuracy")
     return _save(fig, path, title)
 
@@ -240,24 +231,22 @@ def plot_robustness(results: dict[str, dict[str, dict[str, float]]], path: str |
     """``robustness.png``: accuracy vs perturbation strength, one panel per perturbation, one line
     per model: ``results = {model label: {kind: {strength: accuracy}}}`` (an overlay for several)."""
     kinds = list(next(iter(results.values())))
-    fig = Figure(figsize=(3.3 * len(kinds), 3.4))
-    axes = fig.subplots(1, len(kinds), sharey=True, squeeze=False)[0]
-    for ax, kind in zip(axes, kinds):
+    fig, axes = _figure(3.3 * len(kinds), 3.4, 1, len(kinds), sharey=True, squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
         for name, res in results.items():
             if kind in res:
                 ax.plot([float(s) for s in res[kind]], list(res[kind].values()), "o-", ms=3, label=name)
         ax.set(title=kind, xlabel=UNITS.get(kind, "strength"))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test top-1 accuracy")
-    axes[-1].legend(fontsize=7)
+    axes[0, 0].set_ylabel("test top-1 accuracy")
+    axes[0, -1].legend(fontsize=7)
     return _save(fig, path, title)
 
 
 def plot_reliability(bins: list[dict], path: str | Path, title: str = "") -> Path:
     """``calibration.png``: reliability diagram (accuracy vs mean confidence per confidence bin, bar
     width = bin) and the share of images per bin."""
-    fig = Figure(figsize=(5.2, 6))
-    ax, ax2 = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    fig, (ax, ax2) = _figure(5.2, 6, 2, 1, height_ratios=[3, 1], sharex=True)
     full, width = [b for b in bins if b["count"]], bins[0]["upper"] - bins[0]["lower"]
     total = sum(b["count"] for b in bins)
     ax.bar([b["lower"] for b in full], [b["accuracy"] for b in full], width=width, align="edge",

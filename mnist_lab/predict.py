@@ -9,16 +9,14 @@ import glob
 import sys
 from pathlib import Path
 
-import hydra
 import pandas as pd
 import torch
 from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
-from mnist_lab.config import CONF_DIR
-from mnist_lab.console import quiet_lightning
-from mnist_lab.errors import ConfigError, MnistLabError, exit_with
+from mnist_lab.console import command
+from mnist_lab.errors import ConfigError
 from mnist_lab.evaluate import predict
 from mnist_lab.module import Classifier
 
@@ -122,18 +120,13 @@ def expand_inputs(inputs) -> list[str]:
     return files
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="predict")
+@command("predict")
 def main(cfg: DictConfig) -> None:
     """``python -m mnist_lab.predict ckpt_path=PATH inputs='digits/*.png' [output_csv=FILE]``."""
-    quiet_lightning()
-    try:
-        if not cfg.ckpt_path:
-            raise ConfigError("give ckpt_path=<run dir>/checkpoints/best.ckpt")
-        files = expand_inputs(cfg.inputs)
-        rows = predict_files(Classifier.load_from_checkpoint(cfg.ckpt_path, map_location="cpu"), files,
-                             top_k=cfg.top_k)
-    except MnistLabError as e:
-        exit_with(e)
+    if not cfg.ckpt_path:
+        raise ConfigError("give ckpt_path=<run dir>/checkpoints/best.ckpt")
+    files = expand_inputs(cfg.inputs)
+    rows = predict_files(Classifier.load_from_checkpoint(cfg.ckpt_path, map_location="cpu"), files, top_k=cfg.top_k)
     width = max(len(r["file"]) for r in rows)
     print(f"{'file':<{width}}  class  probability  top-{cfg.top_k}")
     for r in rows:
@@ -149,8 +142,8 @@ def main(cfg: DictConfig) -> None:
         print(f"wrote {cfg.output_csv}")
     failed = sum(bool(r["error"]) for r in rows)
     if failed == len(rows):
-        exit_with(ConfigError(f"none of the {len(rows)} files could be classified (each line above says why); give "
-                              "image files of digits (PNG, JPEG, ...)"))
+        raise ConfigError(f"none of the {len(rows)} files could be classified (each line above says why); give "
+                          "image files of digits (PNG, JPEG, ...)")
     if failed:
         print(f"{failed} of {len(rows)} files could not be classified", file=sys.stderr)
 

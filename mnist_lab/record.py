@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_lab.errors import ConfigError, RunInterrupted, TrainingDiverged
-from mnist_lab.rundir import RunDir, provenance, read_history, write_json, write_text_atomic
+from mnist_lab.rundir import RunDir, column, provenance, read_history, write_json, write_text_atomic
 
 
 class RunStatus(L.Callback):
@@ -30,8 +30,7 @@ class RunStatus(L.Callback):
     """
 
     def __init__(self, run: RunDir, resuming: bool = False):
-        self.run, self.resuming = run, resuming
-        self.recorded = False
+        self.run, self.resuming, self.recorded = run, resuming, False
         self.interruption: RunInterrupted | None = None
 
     @contextmanager
@@ -42,27 +41,22 @@ class RunStatus(L.Callback):
             if self.interruption is None:
                 raise
             raise self.interruption from None
-        except MisconfigurationException as e:
-            self._failed(e)
-            raise ConfigError(f"Lightning refuses these settings: {e}") from None
         except Exception as e:
-            self._failed(e)
+            self._record("failed", e)
+            if isinstance(e, MisconfigurationException):
+                raise ConfigError(f"Lightning refuses these settings: {e}") from None
             raise
 
-    def _failed(self, error: BaseException) -> None:
-        if not self.recorded and not self.resuming:
-            self._write("failed", error)
-
-    def _write(self, status: str, error: BaseException | str, **extra) -> None:
-        self.recorded = True
-        if rank_zero_only.rank == 0:
+    def _record(self, status: str, error: BaseException | str, **extra) -> None:
+        if not self.recorded and not (status == "failed" and self.resuming) and rank_zero_only.rank == 0:
             self.run.write_status(status, error, **extra)
+        self.recorded = True
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         last = self.run.checkpoint("last")
         if isinstance(exception, TrainingDiverged):
-            self._write("diverged", exception, epoch=exception.epoch, step=exception.step, lr=exception.lr,
-                        last_good_checkpoint=os.path.relpath(last, self.run.path) if last.is_file() else None)
+            self._record("diverged", exception, epoch=exception.epoch, step=exception.step, lr=exception.lr,
+                         last_good_checkpoint=os.path.relpath(last, self.run.path) if last.is_file() else None)
         elif isinstance(exception, KeyboardInterrupt | SIGTERMException):
             signal_name = "SIGTERM" if isinstance(exception, SIGTERMException) else "SIGINT"
             sweep = self.run.path.parent  # a job of a sweep continues with the whole sweep
@@ -73,10 +67,9 @@ class RunStatus(L.Callback):
                        f"stopped by {signal_name} before the first epoch ended, so there is no checkpoint to "
                        f"resume from; start the run again (its settings: {self.run.config})")
             self.interruption = RunInterrupted(message, signal_name)
-            self._write("interrupted", message, resume=command if last.is_file() else None)
+            self._record("interrupted", message, resume=command if last.is_file() else None)
         else:
-            self._failed(exception)
-        self.recorded = True
+            self._record("failed", exception)
 
 
 class RunFiles(L.Callback):
@@ -103,7 +96,7 @@ class RunFiles(L.Callback):
         if not trainer.is_global_zero:
             return
         epochs = read_history(self.run.history, by="epoch")
-        val = epochs["val/loss"].dropna() if "val/loss" in epochs else epochs.index.to_series()[:0]
+        val = column(epochs, "val/loss")
         best, last = (int(val.idxmin()), int(val.index.max())) if len(val) else (None, None)
 
         def at(key: str, epoch: int | None) -> float | None:

@@ -17,7 +17,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from mnist_lab.config import parse_overrides
-from mnist_lab.rundir import RunDir, group_history, read_history
+from mnist_lab.rundir import RunDir, column, group_history, read_history
 
 #: ``metrics.json`` figures a job's row carries, in this order.
 METRICS = ("params_trainable", "test/acc", "test/loss", "test/precision_macro", "test/recall_macro",
@@ -48,10 +48,6 @@ class Job(NamedTuple):
         return cls({k: None if v != v else v for k, v in row.items()}, pd.DataFrame(), pd.DataFrame(), {})
 
 
-def _col(frame: pd.DataFrame, name: str) -> pd.Series:
-    return frame[name].dropna() if name in frame else pd.Series(dtype=float)
-
-
 def _minus(a, b) -> float | None:
     return None if a is None or b is None else float(a - b)
 
@@ -66,7 +62,7 @@ def _layer(job: Job, which: int) -> float | None:
     """The mean update ratio of the network's first (0) or last (-1) parameterised layer, in module order."""
     layers = sorted((c for c in job.steps if c.startswith("update_ratio/")),
                     key=lambda c: [int(p) if p.isdigit() else p for p in c.split("/", 1)[1].split(".")])
-    return float(_col(job.steps, layers[which]).mean()) if layers else None
+    return float(column(job.steps, layers[which]).mean()) if layers else None
 
 
 def _first(series: pd.Series, acc: str) -> int | None:
@@ -75,16 +71,16 @@ def _first(series: pd.Series, acc: str) -> int | None:
 
 
 def _grad_norms(job: Job) -> pd.Series:
-    return _col(job.steps, "dynamics/grad_norm")
+    return column(job.steps, "dynamics/grad_norm")
 
 
 #: Derived per-job values (docs/studies/README.md says each), each a function of a :class:`Job`.
 VALUES = {name: (lambda job, name=name: job.metrics.get(name)) for name in METRICS} | {
     # last-epoch top-1 accuracy on the training batches (dropout, augmentation on) minus val accuracy
     "gap": lambda job: _minus(job.metrics.get("last_train/acc"), job.metrics.get("last_val/acc")),
-    "val_loss_epoch1": lambda job: _col(job.epochs, "val/loss").get(0),
+    "val_loss_epoch1": lambda job: column(job.epochs, "val/loss").get(0),
     # the area under the val loss against optimizer steps (trapezoids) over the steps it spans
-    "val_loss_auc": lambda job: _auc(_col(job.steps, "val/loss")),
+    "val_loss_auc": lambda job: _auc(column(job.steps, "val/loss")),
     "max_grad_norm": lambda job: _grad_norms(job).max() if len(_grad_norms(job)) else None,
     # the mean global gradient norm of the last 10 % of the dynamics records
     "final_grad_norm": lambda job: _grad_norms(job).iloc[-max(1, len(_grad_norms(job)) // 10):].mean()
@@ -95,9 +91,9 @@ VALUES = {name: (lambda job, name=name: job.metrics.get(name)) for name in METRI
 #: Values with a parameter: optimizer steps, or epochs, until the first validation at or above an accuracy
 #: (1-based; None: not reached), the train − val gap after epoch n, any point of ``robustness.json``.
 PATTERNS = {
-    re.compile(r"steps_to_val_acc_([\d.]+)"): lambda job, acc: _first(_col(job.steps, "val/acc"), acc),
-    re.compile(r"epochs_to_val_acc_([\d.]+)"): lambda job, acc: _first(_col(job.epochs, "val/acc"), acc),
-    re.compile(r"gap_epoch_(\d+)"): lambda job, n: _minus(*(_col(job.epochs, k).get(int(n) - 1)
+    re.compile(r"steps_to_val_acc_([\d.]+)"): lambda job, acc: _first(column(job.steps, "val/acc"), acc),
+    re.compile(r"epochs_to_val_acc_([\d.]+)"): lambda job, acc: _first(column(job.epochs, "val/acc"), acc),
+    re.compile(r"gap_epoch_(\d+)"): lambda job, n: _minus(*(column(job.epochs, k).get(int(n) - 1)
                                                              for k in ("train/acc", "val/acc"))),
     re.compile(r"robustness/([a-z]+)_([\d.]+)"): lambda job, kind, strength: job.robustness.get(kind, {}).get(
         strength, job.metrics.get(f"robustness/{kind}_{strength}")),
@@ -153,6 +149,13 @@ def overrides(table: pd.DataFrame) -> list[str]:
 def factors(table: pd.DataFrame, group_out: str = "seed") -> list[str]:
     """The override columns whose value differs between jobs (``group_out`` left out)."""
     return [k for k in overrides(table) if k != group_out and table[k].fillna("").nunique() > 1]
+
+
+def fixed(table: pd.DataFrame) -> list[str]:
+    """The overrides every job shares but the seed, as ``key=value``, sorted."""
+    varying = factors(table)
+    return sorted({f"{k}={v}" for k in overrides(table) if k not in (*varying, "seed")
+                   for v in table[k].dropna().astype(str) if v})
 
 
 def as_yaml(value) -> str:

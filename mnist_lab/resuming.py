@@ -108,16 +108,16 @@ def resume_job(config: DictConfig, job_dir: Path) -> Continuation:
     return Continuation(config, job_dir)
 
 
-def continuation(config: DictConfig, out: Path, multirun: bool, overrides) -> Continuation | None:
-    """What ``python -m mnist_lab.train`` continues in its output dir ``out``: with ``resume=``, the run
-    (:func:`resume_run`; no ``overrides`` beside it), or in a sweep the job (:func:`resume_job`, also a job a
-    cluster requeued, whose dir holds its run); None: nothing to continue, a new run."""
+def continuation(config: DictConfig, out: Path, multirun: bool, overrides) -> Continuation:
+    """What ``python -m mnist_lab.train`` trains in its output dir ``out``: with ``resume=``, the run
+    (:func:`resume_run`; no ``overrides`` beside it), in a sweep the job (:func:`resume_job`, also a job a
+    cluster requeued, whose dir holds its run), else a new run of ``config``."""
     if multirun and (config.get("resume") or RunDir(out).config.is_file()):
         return resume_job(config, out)
     if config.get("resume"):
         refuse_others(overrides, config.resume)
         return resume_run(out)
-    return None
+    return Continuation(config, out)
 
 
 class ResumeState(L.Callback):
@@ -178,14 +178,8 @@ class RunDirGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         if rank_zero_only.rank != 0:  # DDP: rank 0 already made the run dir
             return
-        run_dir = Path(config.hydra.run.dir)
         try:
-            if not config.get("resume"):
-                RunDir(run_dir).check_new()
-            elif not run_dir.is_dir():
-                raise ConfigError(f"resume={run_dir}: there is no such run dir")
-            else:
-                check_writable(run_dir)
+            RunDir(config.hydra.run.dir).check(resuming=bool(config.get("resume")))
         except ConfigError as e:
             exit_with(e)
 

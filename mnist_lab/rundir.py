@@ -79,6 +79,11 @@ def read_history(metrics_csv: str | Path, by: str | None = None) -> pd.DataFrame
     return history if by is None else group_history(history, by)
 
 
+def column(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A history's column without its empty rows (empty if the run did not log it)."""
+    return frame[name].dropna() if name in frame else pd.Series(dtype=float)
+
+
 def group_history(history: pd.DataFrame, by: str) -> pd.DataFrame:
     """One row per epoch (``by="epoch"``) or per 0-based optimizer step (``"step"``), indexed by it; a
     metric logged several times in one keeps its last value."""
@@ -179,14 +184,18 @@ class RunDir:
         except OSError:
             pass  # the run dir itself is not writable: the message on stderr is all there is
 
-    def check_new(self) -> None:
-        """Check that a new run may start here: no earlier run's files, and writable.
+    def check(self, resuming: bool = False) -> None:
+        """Check that a new run may start here (no earlier run's files), or that a run may resume here (the
+        dir exists), and that it is writable.
 
         Raises:
-            ConfigError: an earlier run is there (a new run never overwrites one), or it cannot be written.
+            ConfigError: an earlier run is there (a new run never overwrites one), no such dir to resume in,
+                or it cannot be written.
         """
+        if resuming and not self.path.is_dir():
+            raise ConfigError(f"resume={self.path}: there is no such run dir")
         found = next((p.name for p in (self.config, self.metrics, self.history, self.checkpoints) if p.exists()), None)
-        if found:
+        if found and not resuming:
             raise ConfigError(f"the run dir {self.path} already holds a run ({found}), and a new run never overwrites "
                               f"one: continue it with resume={self.path}, or start in a new dir (leave hydra.run.dir / "
                               "output_dir out for a fresh outputs/runs/<date>_<time>)")

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, StochasticWeightAveraging, WeightAveraging
 
 from mnist_lab.callbacks import Dynamics
-from mnist_lab.errors import ConfigError
+from mnist_lab.errors import ConfigError, check_count
 from mnist_lab.lightning_internals import count_steps
 
 #: images per Lightning step that ``auto`` aims for: Lightning's per-step cost (~0.3 ms of Python, a few
@@ -104,8 +104,8 @@ class StepsPerExecution:
 
     def check_steps_per_execution(self) -> None:
         k = self.hparams.steps_per_execution
-        if k != "auto" and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-            raise ConfigError(f"steps_per_execution={k!r} must be a positive integer, e.g. 8, or auto")
+        if k != "auto":
+            check_count("steps_per_execution", k, 1, "8, or auto")
 
     def check_per_step_options(self) -> None:
         """Refuse an explicit ``K > 1`` beside an option that acts on every optimizer step (from ``setup``)."""

@@ -210,12 +210,11 @@ class _Report:
         spec, table = self.spec, self.table
         grid = "; ".join(k + " ∈ {" + ", ".join(sorted(set(table[k].dropna().astype(str)) - {""})) + "}"
                          for k in self.varying) or "(one configuration)"
-        fixed = sorted({f"{k}={v}" for k in results.overrides(table) if k not in (*self.varying, "seed")
-                        for v in table[k].dropna().astype(str) if v})
+        shared = results.fixed(table)
         return [f"# Study: {spec['name']}", "", f"**Question.** {spec['question']}", "",
                 f"**Protocol.** {spec.get('protocol', '')}", "",
                 f"**Grid.** {grid}; seeds {', '.join(self.seeds)}: {len(table)} jobs, {len(self.done)} completed."
-                + (f" Other overrides of this run: {', '.join(fixed)}." if fixed else ""), "",
+                + (f" Other overrides of this run: {', '.join(shared)}." if shared else ""), "",
                 f"**Cut to fit the time budget.** {spec.get('cut', 'nothing')}", "",
                 f"Regenerate: `python -m mnist_lab.train +study={spec['name']} +launcher=cpu_parallel` (then "
                 f"`python scripts/summarize_sweep.py SWEEP_DIR` rewrites this report from the run dirs)."]

@@ -17,14 +17,7 @@ import torch
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from mnist_lab.batches import InMemoryBatches
-from mnist_lab.metrics import (
-    IDENTITY,
-    ROBUSTNESS,
-    calibration,
-    error_analysis,
-    fit_temperature,
-    robustness_headline,
-)
+from mnist_lab.metrics import IDENTITY, ROBUSTNESS, calibration, error_analysis, fit_temperature, robustness_headline
 from mnist_lab.plots import plot_confusion_matrix, plot_gallery, plot_reliability, plot_robustness
 from mnist_lab.rundir import RunDir, write_json
 from mnist_lab.transforms import perturb, to_unit

@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from mnist_lab.config import parse_overrides
 from mnist_lab.errors import ConfigError, RunInterrupted, exit_with
 from mnist_lab.plots import plot_acc_vs_params, plot_heatmap, plot_robustness, plot_train_val_gap, plot_val_curves
-from mnist_lab.results import Job, aggregate, collect, factors, markdown, matches, overrides, pareto_front
+from mnist_lab.results import Job, aggregate, collect, factors, fixed, markdown, matches, pareto_front
 from mnist_lab.rundir import write_text_atomic
 from mnist_lab.study import check_spec, values_of, write_report
 
@@ -63,9 +63,6 @@ def _pair(group: pd.Series, value: str) -> str:
 
 def _summary_lines(sweep_dir: Path, table: pd.DataFrame, groups: pd.DataFrame) -> list[str]:
     """``summary.md``: counts, the table of configurations, the Pareto front, Optuna's best trial, failures."""
-    varying = factors(table)
-    keys = [k for k in overrides(table) if k not in (*varying, "seed")]
-    fixed = sorted({f"{k}={v}" for k in keys for v in table[k].dropna().astype(str) if v})
     statuses = table["status"].value_counts().to_dict()
     counts = ", ".join(f"{statuses.pop(s, 0)} {s}" for s in ("completed", "failed", "incomplete"))
     counts += "".join(f", {n} {s}" for s, n in sorted(statuses.items()))  # diverged, interrupted
@@ -73,7 +70,8 @@ def _summary_lines(sweep_dir: Path, table: pd.DataFrame, groups: pd.DataFrame) -
              f"{len(table)} jobs: {counts}. "
              "Mean ± sample std over seeds; n = completed seeds. Robust acc: mean test accuracy over the "
              "perturbations of the evaluation suite (rotation, shift, zoom, noise, elastic; strength > 0).", "",
-             f"Factors: {', '.join(varying) or '(none)'}. Same for every job: {', '.join(fixed) or '(nothing)'}.", "",
+             f"Factors: {', '.join(factors(table)) or '(none)'}. Same for every job: "
+             f"{', '.join(fixed(table)) or '(nothing)'}.", "",
              *markdown(["configuration", "n", *COLUMNS.values()], [
                  [g["label"], g["n"], *(_pair(g, v) for v in list(COLUMNS)[:4]), f"{g['params_trainable']:,.0f}",
                   "–" if pd.isna(g["flops_per_image"]) else f"{g['flops_per_image']:,.0f}", f"{g['epochs']:.1f}",

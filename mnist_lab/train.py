@@ -5,7 +5,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -16,13 +15,13 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
-from mnist_lab.config import CONF_DIR, build, build_all
-from mnist_lab.console import quiet_lightning
-from mnist_lab.errors import ConfigError, MnistLabError, RunInterrupted, exit_with
+from mnist_lab.config import build, build_all
+from mnist_lab.console import command, quiet_lightning
+from mnist_lab.errors import ConfigError, RunInterrupted, check_count, exit_with
 from mnist_lab.plots import RunPlots
 from mnist_lab.record import RunFiles, RunStatus
 from mnist_lab.resuming import continuation, resume_run, sweep_command
-from mnist_lab.rundir import RunDir, check_writable
+from mnist_lab.rundir import RunDir
 from mnist_lab.suite import EvaluationSuite
 
 #: what main() returns to a sweeper: selection on the validation split, never on the test set
@@ -87,7 +86,7 @@ def _with_run_dir(cfg: DictConfig, output_dir: str | Path | None, resuming: bool
         raise ConfigError(f"run_dir={cfg.run_dir} is filled in by mnist_lab.train; choose the run dir with "
                           "hydra.run.dir=... (train(cfg, output_dir) from Python)")
     if rank_zero_only.rank == 0:  # DDP: rank 0 made it; an earlier run is never overwritten
-        check_writable(run.path) if resuming else run.check_new()
+        run.check(resuming)
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.run_dir = str(run.path)
@@ -98,8 +97,8 @@ def _check(cfg: DictConfig) -> None:
     """The settings this module uses. Raises ConfigError: ``seed`` or ``threads`` not a non-negative
     integer, ``test_ckpt`` not best/last, a required callback or the csv logger set to null."""
     for key, value in (("seed", cfg.seed), ("threads", cfg.get("threads"))):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-            raise ConfigError(f"{key}={value!r} must be a non-negative integer, e.g. {key}=42")
+        if value is not None:
+            check_count(key, value, 0, f"{key}=42")
     if cfg.get("test_ckpt") not in ("best", "last"):
         raise ConfigError(f"test_ckpt={cfg.get('test_ckpt')!r} must be 'best' or 'last'")
     missing = [name for name in REQUIRED_CALLBACKS if not cfg.callbacks.get(name)]
@@ -128,7 +127,7 @@ def main() -> None:
     job()
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+@command("train")
 def job(cfg: DictConfig) -> float | None:
     """One run, or one job of a sweep. Returns the best validation accuracy (:data:`OBJECTIVE`, what a sweeper
     such as Optuna maximises), or None for a failed job of a sweep, which is recorded in its ``metrics.json``;
@@ -137,18 +136,12 @@ def job(cfg: DictConfig) -> float | None:
     out, multirun = Path(hc.runtime.output_dir), hc.mode == RunMode.MULTIRUN
     try:
         plan = continuation(cfg, out, multirun, hc.overrides.task)
-        if plan is None:
-            return train(cfg, out).get(OBJECTIVE)
         return (plan.done or train(plan.config, plan.run_dir, ckpt_path=plan.ckpt_path)).get(OBJECTIVE)
-    except RunInterrupted as e:  # also in a sweep: Ctrl-C stops the sweep
-        exit_with(e)
     except Exception as e:
-        if multirun:
-            print(f"job {hc.job.override_dirname or hc.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr)
-            return None
-        if isinstance(e, MnistLabError):
-            exit_with(e)
-        raise
+        if not multirun or isinstance(e, RunInterrupted):
+            raise
+        print(f"job {hc.job.override_dirname or hc.job.num} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
 
 
 if __name__ == "__main__":

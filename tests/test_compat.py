@@ -1,11 +1,9 @@
 """What must not change across versions: a checkpoint written by mnist_lab 0.2.0 or 0.3.0 loads and gives
-the figures that version recorded, in every command and in ``load_from_checkpoint``; the names 0.3 deprecated
-still work, with a warning; the package installs from a wheel with its configs."""
+the figures that version recorded, in every command and in ``load_from_checkpoint``; the package installs from a wheel with its configs."""
 
 import json
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -57,17 +55,16 @@ def test_an_older_checkpoint_works_in_every_command(old, tmp_path):
     assert float(out.split("max |logits - PyTorch| = ")[1].split()[0]) < 1e-4
 
 
-def test_deprecated_names_still_work_and_say_what_replaces_them(old):
+def test_the_replacements_of_the_names_removed_in_0_4_load_an_older_checkpoint_with_its_accuracy(old):
+    """0.3 deprecated load_checkpoint, predict_logits and evaluate_robustness, to be removed in 0.4 (CHANGELOG)."""
     ckpt, recorded, root = old
-    with pytest.warns(DeprecationWarning, match="Classifier.load_from_checkpoint"):
-        model, dm = mnist_lab.load_checkpoint(ckpt, data_root=root)
+    for name in ("load_checkpoint", "predict_logits", "evaluate_robustness"):
+        assert not hasattr(mnist_lab, name)
+    model = Classifier.load_from_checkpoint(ckpt, map_location="cpu")
+    dm = MNISTDataModule.load_from_checkpoint(ckpt, root=str(root))
     dm.setup()
     x, y = dm.splits["test"]
-    with pytest.warns(DeprecationWarning, match="mnist_lab.evaluate.predict"):
-        logits = mnist_lab.predict_logits(model, x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", DeprecationWarning)
-        assert torch.equal(logits, predict(model, x))
+    logits = predict(model, x)
     assert float((logits.argmax(1) == y).float().mean()) == pytest.approx(recorded["test/acc"], abs=1e-6)
 
 

@@ -78,7 +78,7 @@ def test_every_quantity_matches_a_hand_computation_for_sgd_steps(synthetic_root)
             assert logged[f"grad_norm/{k}"] == pytest.approx(float(grad[k]), rel=1e-5)
             assert logged[f"weight_norm/{k}"] == pytest.approx(float(weight[k]), rel=1e-5)
             assert logged[f"update_ratio/{k}"] == pytest.approx(0.1 * float(grad[k] / weight[k]), rel=1e-4)
-    with pytest.raises(ConfigError, match="every_n_steps=0 must be a positive number"):
+    with pytest.raises(ConfigError, match="every_n_steps=0 must be a positive integer, e.g. 50 optimizer steps"):
         Dynamics(every_n_steps=0)
 
 

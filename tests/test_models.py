@@ -148,7 +148,7 @@ def test_dropout_outside_0_1_is_rejected(rate):
 
 
 def test_negative_depth_and_too_short_width_lists_are_rejected():
-    with pytest.raises(ConfigError, match="model.depth=-1 must be an integer >= 0"):
+    with pytest.raises(ConfigError, match="model.depth=-1 must be a non-negative integer"):
         build_model("conv2", depth=-1)
     with pytest.raises(ConfigError, match="model.depth=4 needs 4 conv widths"):
         build_model("conv2", depth=4)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mnist_lab.errors import ConfigError, check_list, check_rate
+from mnist_lab.errors import ConfigError, check_choice, check_count, check_list, check_rate
 
 #: ``model.activation`` names -> layers (ReLU is the published choice; GELU, Hendrycks & Gimpel 2016;
 #: SiLU, Elfwing et al. 2018).
@@ -65,8 +65,7 @@ class ConvNet(nn.Module):
                  dense_dropout: float = 0.0, batchnorm: bool = False, in_channels: int = 1, image_size: int = 28,
                  num_classes: int = 10, name: str | None = None):
         super().__init__()
-        if not isinstance(depth, int) or depth < 0:
-            raise ConfigError(f"model.depth={depth!r} must be an integer >= 0 (0 = dense baseline)")
+        check_count("model.depth", depth, 0, "model.depth=2", " (0: the dense baseline)")
         channels = check_list("model.channels", channels, "model.channels=[32,64,64]")
         pool = check_list("model.pool", pool, "model.pool=[true,true,false]")
         if len(channels) < depth or len(pool) < depth:
@@ -74,13 +73,11 @@ class ConvNet(nn.Module):
                 f"model.depth={depth} needs {depth} conv widths and pool flags, but model.channels="
                 f"{channels} and model.pool={pool}; give longer lists, e.g. model.channels=[32,64,64,128] "
                 "model.pool=[true,true,false,false]")
-        if dense_units < 0:
-            raise ConfigError(f"model.dense_units={dense_units} must be >= 0 (0 = no hidden layer)")
+        check_count("model.dense_units", dense_units, 0, "model.dense_units=128", " (0: no hidden layer)")
         dropout, dense_dropout = check_rate("model.dropout", dropout), check_rate("model.dense_dropout", dense_dropout)
         for key, value, choices in (("padding", padding, ("valid", "same")), ("activation", activation, ACTIVATIONS),
                                     ("head", head, ("flatten", "gap"))):
-            if value not in choices:
-                raise ConfigError(f"unknown model.{key}={value!r}; choose one of {', '.join(choices)}")
+            check_choice(f"model.{key}", value, choices)
         if head == "gap" and depth == 0:
             raise ConfigError("model.head=gap pools conv features: it needs model.depth >= 1")
         if not width > 0:

@@ -11,7 +11,7 @@ final LayerNorm, and a linear head on the class token (``cls``) or the mean of t
 import torch
 from torch import nn
 
-from mnist_lab.errors import ConfigError, check_rate
+from mnist_lab.errors import ConfigError, check_choice, check_rate
 
 
 class ViT(nn.Module):
@@ -42,11 +42,8 @@ class ViT(nn.Module):
             raise ConfigError(f"model.patch_size={patch_size} must divide the {image_size}px image (e.g. 4 or 7)")
         if dim % heads:
             raise ConfigError(f"model.heads={heads} must divide model.dim={dim}")
-        if pool not in ("cls", "mean"):
-            raise ConfigError(f"unknown model.pool={pool!r}; choose cls or mean")
-        dropout = check_rate("model.dropout", dropout)
-        self.name = name or "vit"
-        self.pool = pool
+        check_choice("model.pool", pool, ("cls", "mean"))
+        dropout, self.name, self.pool = check_rate("model.dropout", dropout), name or "vit", pool
         tokens = (image_size // patch_size) ** 2 + (pool == "cls")
         self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
