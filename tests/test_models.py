@@ -56,6 +56,9 @@ def test_published_counts_and_two_family_counts_by_hand():
     # depthwise_shared_1k (the micro record): stem 88; 8->13, stride 2: 72 + 16 + 104 + 26 = 218; 13 -> 13
     # applied 4 times: convolutions 9*13 + 13*13 = 286 once, BatchNorms 4 * 4 * 13 = 208; Linear 13*10 + 10
     assert stated_parameters("depthwise_shared_1k") == 88 + 218 + 286 + 208 + 140
+    # separable_997 (the public sub-1k net): stem 9*7 + 7 = 70; a block c_in -> c_out costs 9 c_in (depthwise)
+    # + c_in c_out + c_out (pointwise, bias): 7->10 143, 10->10 200, 10->11 211, 11->12 243; Linear 12*10 + 10
+    assert stated_parameters("separable_997") == 70 + 143 + 200 + 211 + 243 + 130 == 997
 
 
 def test_flops_per_image_count_every_layer_by_hand():
@@ -209,6 +212,18 @@ def test_depthwise_blocks_are_depthwise_then_pointwise():
     convs = [m for m in build_model("depthwise_3k").modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.groups, c.kernel_size[0]) for c in convs] == [
         (1, 8, 1, 3), (8, 8, 8, 3), (8, 16, 1, 1), (16, 16, 16, 3), (16, 32, 1, 1), (32, 32, 32, 3), (32, 32, 1, 1)]
+
+
+def test_separable_blocks_are_unpadded_depthwise_then_pointwise_with_leaky_relu_and_dropout():
+    net = build_model("separable_997")
+    assert kinds(net.backbone)[:8] == ["Conv2d", "MaxPool2d", "LeakyReLU", "Dropout", "Conv2d", "Conv2d", "LeakyReLU",
+                                       "Dropout"]
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.groups, c.padding, c.bias is not None) for c in convs[:3]] == [
+        (7, 1, (0, 0), True), (7, 7, (0, 0), False), (10, 1, (0, 0), True)]
+    assert net.backbone[:-2](torch.zeros(1, 1, 28, 28)).shape == (1, 12, 5, 5)  # 26 -> 13 -> 11, 9, 7, 5 px
+    with pytest.raises(ConfigError, match="shrink the 28px image to nothing"):
+        build_model("separable_997", widths=[8] * 7)
 
 
 def test_vit_tokens_pooling_and_bad_settings():

@@ -1,5 +1,5 @@
 """Architectures: the :class:`ConvNet` family (the published presets), :class:`ResNet`,
-:class:`DepthwiseNet` and :class:`ViT`, each with presets in ``conf/model/*.yaml``.
+:class:`DepthwiseNet`, :class:`SeparableNet` and :class:`ViT`, each with presets in ``conf/model/*.yaml``.
 
 A model is any ``nn.Module`` mapping normalised float ``(B, 1, 28, 28)`` images to logits; a preset
 is a ``_target_`` config of one. A new architecture is one Python file (here, or anywhere on
@@ -14,6 +14,7 @@ from mnist_lab.errors import ConfigError
 from mnist_lab.models.convnet import ConvNet, count_parameters
 from mnist_lab.models.depthwise import DepthwiseNet
 from mnist_lab.models.resnet import ResNet
+from mnist_lab.models.separable import SeparableNet
 from mnist_lab.models.vit import ViT
 
 
@@ -48,5 +49,5 @@ def build_model(name: str, **overrides) -> nn.Module:
     return build(model_config(name, **overrides), "model", base=nn.Module)
 
 
-__all__ = ["CONF_DIR", "ConvNet", "DepthwiseNet", "ResNet", "ViT", "build_model", "count_parameters", "list_presets",
-           "model_config"]
+__all__ = ["CONF_DIR", "ConvNet", "DepthwiseNet", "ResNet", "SeparableNet", "ViT", "build_model", "count_parameters",
+           "list_presets", "model_config"]
