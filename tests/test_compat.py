@@ -1,5 +1,6 @@
 """What must not change across versions: a checkpoint written by mnist_lab 0.2.0 or 0.3.0 loads and gives
-the figures that version recorded, in every command and in ``load_from_checkpoint``; the package installs from a wheel with its configs."""
+the figures that version recorded, in every command and in ``load_from_checkpoint``;
+the package installs from a wheel with its configs."""
 
 import json
 import subprocess
