@@ -58,3 +58,22 @@ def test_record_experiments_keep_their_parameter_budget_and_protocol(experiment,
     assert (cfg.data.split, cfg.data.augment, cfg.trainer.max_epochs) == ("official", True, epochs)
     assert cfg.callbacks.early_stopping is None and cfg.test_ckpt == "best"
     assert cfg.callbacks.best_checkpoint.monitor == "val/loss"
+
+
+def test_public_997_reproduces_the_public_recipe_on_validation_only():
+    """Issue 31: the public sub-1k net (JoshWarn/Parameter-Efficient-MNIST, 997_99.05.py) within 1,000
+    parameters, with its recipe: AdamW 0.01 / weight decay 1e-6, batch 128, the LR divided by 10 after 8
+    epochs without a lower val/loss, up to 200 epochs, early stopping after 25 epochs without a higher
+    accuracy; where the public script stops and restores on the test set, every choice here reads the
+    validation split."""
+    cfg = load_config(["+experiment=public_997"])
+    model = build(cfg.model, "model", base=nn.Module)
+    assert (model.name, count_parameters(model), stated_parameters("separable_997")) == ("separable_997", 997, 997)
+    data = (cfg.data.split, cfg.data.augment, cfg.data.batch_size)
+    assert (*data, cfg.trainer.max_epochs) == ("official", False, 128, 200)
+    assert (cfg.optimizer._target_, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("torch.optim.AdamW", 0.01, 1e-6)
+    plateau = cfg.scheduler.scheduler
+    assert (plateau.factor, plateau.patience, plateau.threshold, cfg.scheduler.monitor) == (0.1, 8, 0.0, "val/loss")
+    stop, best = cfg.callbacks.early_stopping, cfg.callbacks.best_checkpoint
+    assert (stop.monitor, stop.mode, stop.patience) == ("val/acc", "max", 25)
+    assert (best.monitor, best.mode, cfg.test_ckpt) == ("val/acc", "max", "best")
