@@ -75,8 +75,9 @@ class RunStatus(L.Callback):
 class RunFiles(L.Callback):
     """The run dir's files, by rank 0: ``config.yaml`` (the resolved ``config``) when fit starts (a
     resumed run keeps its own), and when the test ends ``metrics.json`` (status ``completed``, every
-    ``test/`` and ``robustness/`` figure the test logged, the best and last epochs' figures, parameters,
-    FLOPs, timings, data and provenance) and the run's settings and results in TensorBoard's HPARAMS tab.
+    ``test/`` and ``robustness/`` figure the test logged, the figures of the best checkpoint's epoch (by its
+    ``monitor`` and ``mode``) and of the last, parameters, FLOPs, timings, data and provenance) and the
+    run's settings and results in TensorBoard's HPARAMS tab.
     :attr:`metrics` is then what ``metrics.json`` holds. ``config.run_dir`` is the run dir."""
 
     def __init__(self, config: DictConfig, resuming: bool = False):
@@ -96,8 +97,11 @@ class RunFiles(L.Callback):
         if not trainer.is_global_zero:
             return
         epochs = read_history(self.run.history, by="epoch")
-        val = column(epochs, "val/loss")
-        best, last = (int(val.idxmin()), int(val.index.max())) if len(val) else (None, None)
+        ckpt = trainer.checkpoint_callback  # the best checkpoint (the first ModelCheckpoint): its monitor and mode
+        monitor, mode = (ckpt.monitor, ckpt.mode) if ckpt is not None and ckpt.monitor else ("val/loss", "min")
+        val = column(epochs, monitor)
+        best, last = (int(val.idxmin() if mode == "min" else val.idxmax()), int(val.index.max())) if len(val) \
+            else (None, None)
 
         def at(key: str, epoch: int | None) -> float | None:
             value = epochs[key].get(epoch) if epoch is not None else None

@@ -172,3 +172,19 @@ def test_zero_epochs_tests_the_untrained_network(synthetic_root, tmp_path):
     assert 0 < metrics["test/acc"] < 0.4  # chance is 0.1: the untrained net
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "curves.png").exists()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+
+
+def test_the_best_epoch_is_the_best_checkpoints_by_its_monitor(synthetic_root, tmp_path):
+    """metrics.json's ``best_epoch`` and ``best_val/*`` are the epoch that the best checkpoint kept, by its
+    monitor and mode (``+experiment=public_997`` keeps the highest val/acc), not the lowest val/loss."""
+    cfg = load_config(["model=fc", f"data.root={synthetic_root}", "trainer.max_epochs=6", "plots=false",
+                       "eval.full=false", "callbacks.best_checkpoint.monitor=val/acc",
+                       "callbacks.best_checkpoint.mode=max", "callbacks.early_stopping=null", *QUIET])
+    metrics = train(cfg, tmp_path / "run")
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        val = [(int(r["epoch"]), float(r["val/acc"]), float(r["val/loss"])) for r in csv.DictReader(f) if r["val/acc"]]
+    most_accurate = max(val, key=lambda row: row[1])  # the first of equals, as ModelCheckpoint keeps it
+    assert min(val, key=lambda row: row[2])[0] != most_accurate[0]  # the case this test is about
+    kept = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)["epoch"]
+    assert (metrics["best_epoch"], metrics["best_val/acc"]) == (most_accurate[0], pytest.approx(most_accurate[1]))
+    assert kept == most_accurate[0]
