@@ -41,11 +41,11 @@ def main() -> int:
     records = []
     if args.records:
         seeds = pd.read_csv(args.records)
-        for (name, preset, epochs, params), acc in seeds.groupby(["record", "preset", "epochs", "params_trainable"],
-                                                                 sort=False)["test_acc"]:
+        for (name, preset, params), runs in seeds.groupby(["record", "preset", "params_trainable"], sort=False):
             cost = params if args.x == "params_trainable" else Classifier(model_config(preset)).flops_per_image()
-            records.append({"label": f"{name} ({preset}, {epochs} ep)", "x": cost, "mean": acc.mean(),
-                            "std": acc.std() if len(acc) > 1 else 0.0})
+            epochs, acc = sorted(set(runs["epochs"])), runs["test_acc"]  # several: early stopping
+            records.append({"label": f"{name} ({preset}, {'-'.join(map(str, epochs[::len(epochs) - 1 or 1]))} ep)",
+                            "x": cost, "mean": acc.mean(), "std": acc.std() if len(acc) > 1 else 0.0})
     what = {"params_trainable": "trainable parameters", "flops_per_image": "forward FLOPs per image"}[args.x]
     plot_acc_vs_params(groups, args.plot, title=f"frontier: test accuracy against {what} (3 seeds)", x=args.x,
                        front=front, records=records)

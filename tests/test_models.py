@@ -53,11 +53,11 @@ def test_published_counts_and_two_family_counts_by_hand():
     assert stated_parameters("depthwise_5k") == 88 + 248 + 608 + 1_096 + 1_984 + 490
     # depthwise_1k (the first micro record): stem 88; 8->8 168, 8->12 208, 12->14 328; Linear 14*10 + 10 = 150
     assert stated_parameters("depthwise_1k") == 88 + 168 + 208 + 328 + 150
-    # depthwise_shared_1k (the micro record): stem 88; 8->13, stride 2: 72 + 16 + 104 + 26 = 218; 13 -> 13
+    # depthwise_shared_1k (round 3's micro record): stem 88; 8->13, stride 2: 72 + 16 + 104 + 26 = 218; 13 -> 13
     # applied 4 times: convolutions 9*13 + 13*13 = 286 once, BatchNorms 4 * 4 * 13 = 208; Linear 13*10 + 10
     assert stated_parameters("depthwise_shared_1k") == 88 + 218 + 286 + 208 + 140
-    # separable_997 (the public sub-1k net): stem 9*7 + 7 = 70; a block c_in -> c_out costs 9 c_in (depthwise)
-    # + c_in c_out + c_out (pointwise, bias): 7->10 143, 10->10 200, 10->11 211, 11->12 243; Linear 12*10 + 10
+    # separable_997 (the public sub-1k net, micro since round 4): stem 9*7 + 7 = 70; a block c_in -> c_out: 9 c_in
+    # (depthwise) + c_in c_out + c_out (pointwise, bias): 7->10 143, 10->10 200, 10->11 211, 11->12 243; Linear 130
     assert stated_parameters("separable_997") == 70 + 143 + 200 + 211 + 243 + 130 == 997
 
 
