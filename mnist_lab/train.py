@@ -52,10 +52,11 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str 
     quiet_lightning()
     resuming = ckpt_path is not None
     cfg = _with_run_dir(cfg, output_dir, resuming)
-    status, files = RunStatus(RunDir(cfg.run_dir), resuming), RunFiles(cfg, resuming)
-    run_callbacks = [files, status, *([RunPlots(cfg.run_dir, resuming)] if cfg.get("plots") else [])]
+    status = RunStatus(RunDir(cfg.run_dir), resuming)
     with status.guard():
         _check(cfg)
+        files = RunFiles(cfg, resuming)
+        run_callbacks = [files, status, *([RunPlots(cfg.run_dir, resuming)] if cfg.get("plots") else [])]
         if cfg.get("threads"):
             torch.set_num_threads(cfg.threads)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
