@@ -1,8 +1,4 @@
-"""The training callbacks mnist_lab adds to Lightning's: a stop on divergence (:class:`DivergenceGuard`),
-an exponential moving average of the weights (:class:`EMA`), the learning dynamics every N optimizer steps
-(:class:`Dynamics`) and a progress bar in mini-batches (:class:`ProgressBar`). The run dir's are in
-:mod:`mnist_lab.rundir`, exact resume's in :mod:`mnist_lab.resuming`, the plots' in :mod:`mnist_lab.plots`;
-the rest (checkpoints, early stopping, timing) are Lightning's, in ``conf/callbacks/default.yaml``.
+"""The training callbacks mnist_lab adds to Lightning's (``conf/callbacks/default.yaml`` lists them all).
 """
 
 import math

@@ -54,14 +54,14 @@ _PACKAGE = Path(__file__).resolve().parent
 CONF_DIR = _PACKAGE / "conf" if (_PACKAGE / "conf").is_dir() else _PACKAGE.parent / "conf"
 
 
-def load_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with command-line style overrides.
+def load_config(overrides: Sequence[str] = (), config_name: str = "train", hydra: bool = False) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with command-line style overrides (``hydra``: with the ``hydra`` node).
 
     Example: ``load_config(["model=conv3", "+aug=true", "trainer.max_epochs=1"])``.
     Raises Hydra's own errors for unknown groups/keys (they list the valid options).
     """
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=hydra)
 
 
 def check_targets(cfg, base: type | tuple[type, ...], key: str) -> None:

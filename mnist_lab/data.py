@@ -91,11 +91,9 @@ def check_args(dataset: str, split: str, fractions: Sequence[float], val_fractio
                                 ("normalize", normalize, ("standardize", "rescale"))):
         check_choice(f"data.{key}", value, choices)
     fractions = [float(f) for f in fractions]
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ConfigError(f"data.fractions={fractions} must be three non-negative train/val/test "
-                          f"fractions that sum to 1 (sum is {sum(fractions):.6g}), e.g. [0.8,0.1,0.1]")
-    if fractions[0] == 0:
-        raise ConfigError("data.fractions gives the train split 0; give it a positive fraction")
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6 or not fractions[0]:
+        raise ConfigError(f"data.fractions={fractions} must be three non-negative train/val/test fractions that "
+                          f"sum to 1 (sum is {sum(fractions):.6g}), train's positive, e.g. [0.8,0.1,0.1]")
     if not 0 < val_fraction < 1:
         raise ConfigError(f"data.val_fraction={val_fraction} must be in (0, 1), e.g. 0.1")
     for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):

@@ -1,9 +1,5 @@
-"""``python -m mnist_lab.evaluate ckpt_path=PATH | run_dir=PATH``: the evaluation suite of a trained model.
-
-One path from a model to logits and metrics: ``Trainer.test`` with the evaluation suite
-(:func:`evaluate_model`), or ``Trainer.predict`` (:func:`predict`). The command rebuilds the model and
-its data from a checkpoint alone and writes into the run dir (or ``output_dir=``); with several
-checkpoints it reports each and their ensemble.
+"""``python -m mnist_lab.evaluate ckpt_path=PATH | run_dir=PATH``: the evaluation suite of a trained model
+(``Trainer.test``), of several and their ensemble, and logits through ``Trainer.predict``.
 """
 
 from pathlib import Path

@@ -1,16 +1,8 @@
-"""Export a trained model for use without mnist_lab: ONNX, TorchScript or a ``torch.export`` program.
+"""``python -m mnist_lab.export ckpt_path=PATH [format=onnx|torchscript|pt2] [output=FILE]``: a trained
+model for use without mnist_lab, checked against PyTorch with its own runtime after writing.
 
-``python -m mnist_lab.export ckpt_path=PATH [format=onnx|torchscript|pt2] [output=FILE]``
-
-The exported model is the whole :class:`~mnist_lab.module.Classifier`: it takes float32 images in
-[0, 1] of shape ``(B, 1, 28, 28)`` (any batch size ``B``; normalisation with the training split's
-mean and std is inside it) and returns float32 logits ``(B, num_classes)``. After writing, the file is
-loaded back with its own runtime (onnxruntime, ``torch.jit.load``, ``torch.export.load``) and run on
-random images next to the PyTorch model; the largest absolute logit difference is printed.
-
-The ONNX file comes from ``torch.onnx.export(dynamo=True)`` (needs ``onnx`` and ``onnxscript``); the
-check needs ``onnxruntime``: ``pip install -e ".[export]"``. TorchScript is deprecated in PyTorch
-(``torch.jit``); ``pt2`` (``torch.export.save``) is its successor for Python consumers.
+ONNX needs ``pip install -e ".[export]"`` (onnx, onnxscript, onnxruntime). TorchScript is deprecated in
+PyTorch; ``pt2`` (``torch.export.save``) is its successor for Python consumers.
 """
 
 import importlib.util
@@ -37,7 +29,9 @@ def _batch_dim() -> dict:
 
 
 def export_model(model: Classifier, path: str | Path, format: str = "onnx") -> Path:
-    """Write ``model`` (moved to the CPU, eval mode) to ``path`` in ``format``; returns the path.
+    """Write ``model`` (moved to the CPU, eval mode) to ``path`` in ``format``; returns the path. The file
+    maps float32 images in [0, 1] ``(B, 1, 28, 28)``, any ``B``, to float32 logits ``(B, num_classes)``
+    (normalisation inside).
 
     Raises:
         ConfigError: an unknown format, or a package the format needs is not installed.

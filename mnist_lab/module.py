@@ -1,9 +1,4 @@
 """Classifier: the one LightningModule, wrapping any network that maps images to logits.
-
-Train, validation and test share ``model_step`` (cross-entropy on logits; training alone may smooth the
-labels). Metrics are accumulated on the device and logged once per epoch: ``train/loss``, ``train/acc``,
-``val/loss``, ``val/acc``, ``val/{precision,recall,f1}_macro`` (``test/`` for ``trainer.test``);
-``log_train_steps=True`` adds the per-step ``train/loss_step``. Losses are means over images.
 """
 
 import contextlib
@@ -105,7 +100,9 @@ class Classifier(StepsPerExecution, L.LightningModule):
     [0, 1] ``(B, 1, 28, 28)`` -> float logits ``(B, num_classes)``, normalised inside with the float32 scalar
     buffers ``mean`` and ``std`` that ``setup`` takes from the fitted datamodule and every checkpoint keeps.
     Configs for ``net``, ``optimizer`` and ``scheduler`` are saved as hyper-parameters, so a checkpoint
-    describes the whole model: ``Classifier.load_from_checkpoint(path)``.
+    describes the whole model: ``Classifier.load_from_checkpoint(path)``. Logged once per epoch (means over
+    images): ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/{precision,recall,f1}_macro``
+    (``test/`` in ``Trainer.test``).
 
     Args:
         net: a ``_target_`` config of an ``nn.Module`` class (``conf/model/*.yaml``, ``model_config``), or an

@@ -24,7 +24,7 @@ UNITS = {"rotation": "degrees", "translation": "pixels", "zoom": "scale factor",
 class RunPlots(L.Callback):
     """A run's figures, by rank 0: ``samples.png`` (the first 25 training digits) when fit starts (a
     resumed run keeps its own), ``curves.png`` and, where the history holds the learning dynamics,
-    ``dynamics.png`` when the test ends."""
+    ``dynamics.png`` when fit ends."""
 
     def __init__(self, run_dir: str | Path, resuming: bool = False):
         self.run, self.resuming = RunDir(run_dir), resuming
@@ -34,7 +34,7 @@ class RunPlots(L.Callback):
             x, y = trainer.datamodule.splits["train"]
             plot_samples(x[:25], y[:25], self.run.path / "samples.png", title="first 25 training digits")
 
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         history, name = read_history(self.run.history), getattr(pl_module, "name", type(pl_module).__name__)
         if trainer.is_global_zero and {"train/loss", "val/loss"} & set(history):
             plot_curves(history, self.run.path / "curves.png", title=name)
@@ -257,4 +257,25 @@ def plot_reliability(bins: list[dict], path: str | Path, title: str = "") -> Pat
     ax.legend(fontsize=8)
     ax2.bar([b["lower"] for b in bins], [b["count"] / max(total, 1) for b in bins], width=width, align="edge")
     ax2.set(yscale="log", xlabel="confidence (max softmax probability)", ylabel="share")
+    return _save(fig, path, title)
+
+
+def plot_isolation(trials: pd.DataFrame, chosen: pd.DataFrame, arms: list[str], path: str | Path,
+                   title: str = "", metric: str = "best_val/acc") -> Path:
+    """``isolation.png`` (Google's Deep Learning Tuning Playbook): ``metric`` of every nuisance trial
+    against its arm (one column per arm, labelled with ``arms``' values), each point labelled with its
+    nuisance values, the ``chosen`` trials (rows of ``trials``) marked by a star. ``trials``: their jobs table
+    (:func:`mnist_lab.results.collect`), a ``label`` column naming each trial's nuisance values."""
+    fig, ax = _figure(max(5.0, 1.6 * trials[arms].drop_duplicates().shape[0] + 2), 4.5)
+    names = {}
+    for i, t in trials.iterrows():
+        x = names.setdefault(", ".join(f"{k.rsplit('.', 1)[-1]}={t[k]}" for k in arms) or "all", len(names))
+        star = i in chosen.index
+        ax.plot(x, float(t[metric]), "*" if star else "o", ms=13 if star else 6, color="crimson" if star else "C0",
+                label="chosen (best validation)" if star else "nuisance trial")
+        ax.annotate(t["label"], (x, float(t[metric])), textcoords="offset points", xytext=(7, -3), fontsize=7)
+    ax.set_xticks(range(len(names)), list(names), fontsize=8)
+    unique = dict(zip(*ax.get_legend_handles_labels()[::-1]))
+    ax.legend(unique.values(), unique.keys(), fontsize=8)
+    _axes(ax, "arm (scientific value)", f"{metric} of each trial", integer=False)
     return _save(fig, path, title)

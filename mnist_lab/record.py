@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_lab.errors import ConfigError, RunInterrupted, TrainingDiverged
-from mnist_lab.rundir import RunDir, column, provenance, read_history, write_json, write_text_atomic
+from mnist_lab.rundir import RunDir, column, provenance, read_history, sweep_root, write_json, write_text_atomic
 
 
 class RunStatus(L.Callback):
@@ -59,8 +59,8 @@ class RunStatus(L.Callback):
                          last_good_checkpoint=os.path.relpath(last, self.run.path) if last.is_file() else None)
         elif isinstance(exception, KeyboardInterrupt | SIGTERMException):
             signal_name = "SIGTERM" if isinstance(exception, SIGTERMException) else "SIGINT"
-            sweep = self.run.path.parent  # a job of a sweep continues with the whole sweep
-            command = (f"python -m mnist_lab.train -m resume={sweep}" if (sweep / "multirun.yaml").is_file()
+            sweep = sweep_root(self.run.path)  # a job of a sweep continues with the whole sweep (or study)
+            command = (f"python -m mnist_lab.train -m resume={sweep}" if sweep
                        else f"python -m mnist_lab.train resume={self.run.path}")
             message = (f"stopped by {signal_name}. The last complete epoch is in {last}; continue with: {command}"
                        if last.is_file() else
@@ -77,7 +77,7 @@ class RunFiles(L.Callback):
     resumed run keeps its own), and when the test ends ``metrics.json`` (status ``completed``, every
     ``test/`` and ``robustness/`` figure the test logged, the figures of the best checkpoint's epoch (by its
     ``monitor`` and ``mode``) and of the last, parameters, FLOPs, timings, data and provenance) and the
-    run's settings and results in TensorBoard's HPARAMS tab.
+    run's settings and results in TensorBoard's HPARAMS tab (with ``config.test`` false: when fit ends).
     :attr:`metrics` is then what ``metrics.json`` holds. ``config.run_dir`` is the run dir."""
 
     def __init__(self, config: DictConfig, resuming: bool = False):
@@ -92,6 +92,10 @@ class RunFiles(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # read now: Trainer.test restores the tested checkpoint's callback states, the Timer's too
         self._train_seconds = next(c for c in trainer.callbacks if isinstance(c, Timer)).time_elapsed("train")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.config.get("test", True):  # a run that reads no test split is recorded when fit ends
+            self.on_test_end(trainer, pl_module)
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -120,7 +124,8 @@ class RunFiles(L.Callback):
             "train_seconds": round(seconds, 3), "seconds_per_epoch": round(seconds / max(n, 1), 3),
             "steps_per_execution": getattr(pl_module, "steps_per_execution", 1), "epochs": n,
             "seed": self.config.seed, **trainer.datamodule.describe(),
-            "test_ckpt": os.path.relpath(trainer.ckpt_path, self.run.path) if trainer.ckpt_path else None,
+            "test_ckpt": os.path.relpath(trainer.ckpt_path, self.run.path)
+            if trainer.ckpt_path and self.config.get("test", True) else None,
             "device": str(trainer.strategy.root_device), **provenance(trainer.strategy.root_device),
             "run_dir": str(self.run.path),
         }

@@ -1,10 +1,5 @@
-"""Results of runs: per-job values, the table of a sweep's jobs (``summary.csv``) and its configurations.
-
-Every number a summary, a study or a plot reads of one run is a per-job value computed here, once: the
-figures of ``metrics.json`` (:data:`METRICS`), the derived :data:`VALUES` and the :data:`PATTERNS`. A new
-value is one entry; summaries, studies and plots pick up every value column. A job is read once
-(:meth:`Job.read`) or rebuilt from its ``summary.csv`` row (:meth:`Job.from_row`), so a summary or report
-regenerates from ``summary.csv`` alone, as far as its values do not need the run's history.
+"""Per-job values, each computed once here (a new value is one entry of :data:`VALUES` or :data:`PATTERNS`),
+and the table of a sweep's jobs (``summary.csv``) grouped into its configurations (pandas).
 """
 
 import json
@@ -117,10 +112,13 @@ def job_value(job: Job, name: str) -> float | None:
 def collect(sweep_dir: str | Path, names: Sequence[str] = ()) -> pd.DataFrame:
     """The table of a sweep's jobs (``summary.csv``): a row per job dir (one with Hydra's
     ``.hydra/overrides.yaml``), columns ``job``, ``status``, ``architecture``, one per override (its value
-    as YAML writes it; the keys Hydra's ``override_dirname`` excludes, e.g. ``sweep``, left out), every
+    as YAML writes it; the keys Hydra's ``override_dirname`` excludes, e.g. ``sweep``, left out; the jobs of a
+    sweep dir inside it, a study's nuisance trials, left out too), every
     value of :data:`VALUES` and ``names``, and ``error``. Values keep their JSON types (object columns)."""
     sweep_dir, rows, names = Path(sweep_dir), [], list(dict.fromkeys([*VALUES, *names]))
     for job in sorted(p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml")):  # a '/' in a value nests
+        if (sweep_dir / job.relative_to(sweep_dir).parts[0] / "multirun.yaml").is_file():
+            continue  # a sweep of its own inside this one: a study's nuisance trials
         excluded = OmegaConf.select(OmegaConf.load(job / ".hydra" / "hydra.yaml"),
                                     "hydra.job.config.override_dirname.exclude_keys") or []
         read = Job.read(job)

@@ -1,11 +1,5 @@
 """Resume, all of it: a killed or interrupted run (``resume=RUN_DIR``), a job of a resumed sweep, a whole
-sweep (``-m resume=SWEEP_DIR``) and an Optuna search, and what a checkpoint needs to continue exactly.
-
-``python -m mnist_lab.train`` turns ``-m resume=SWEEP_DIR`` into the sweep's own command (:func:`sweep_command`)
-and asks :func:`continuation` what to train; :class:`RunDirGuard` (a Hydra callback) checks the run or sweep
-dir before Hydra writes to it; :class:`ResumeState` (a Lightning callback) keeps the RNG states in every
-checkpoint and, when a run resumes, writes ``metrics.csv`` back up to the checkpoint. Overrides are read with Hydra's
-own parser (:func:`mnist_lab.config.parse_overrides`).
+sweep (``-m resume=SWEEP_DIR``), an Optuna search, and what a checkpoint needs to continue exactly.
 """
 
 import random
@@ -186,20 +180,25 @@ class RunDirGuard(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            if config.get("resume"):  # the sweep's own command (sweep_command), into its own dir
-                if Path(config.resume).resolve() != sweep_dir.resolve():
-                    raise ConfigError(f"resume={config.resume} continues a sweep through python -m mnist_lab.train -m "
-                                      f"resume=<sweep dir> alone")
-                check_writable(sweep_dir, "sweep dir", "resume=<sweep dir>")
-                return
-            if sweep_dir.is_dir() and next(sweep_dir.rglob(".hydra/overrides.yaml"), None) is not None:
-                raise ConfigError(f"the sweep dir {sweep_dir} already holds a sweep; give a new hydra.sweep.dir "
-                                  "(or leave it out for a fresh outputs/sweeps/<date>_<time>), or continue it with "
-                                  f"python -m mnist_lab.train -m resume={sweep_dir}")
-            check_writable(sweep_dir, "sweep dir", "hydra.sweep.dir=...")
+            check_sweep_dir(sweep_dir, config.get("resume"))
         except ConfigError as e:
             exit_with(e)
-        OmegaConf.save(config, sweep_dir / "multirun.yaml")  # what resume= continues (Optuna's sweeper writes none)
+        if not config.get("resume"):
+            OmegaConf.save(config, sweep_dir / "multirun.yaml")  # what resume= continues (Optuna's sweeper writes none)
+
+
+def check_sweep_dir(sweep_dir: Path, resume: str | None = None) -> None:
+    """Check that a new sweep may start in ``sweep_dir`` (it holds no earlier sweep), or that ``resume``
+    continues the sweep in it, and that it is writable. Raises ConfigError: naming the fix."""
+    if resume:  # the sweep's own command (sweep_command), into its own dir
+        if Path(resume).resolve() != sweep_dir.resolve():
+            raise ConfigError(f"resume={resume} continues a sweep through python -m mnist_lab.train -m "
+                              f"resume=<sweep dir> alone")
+    elif sweep_dir.is_dir() and next(sweep_dir.rglob(".hydra/overrides.yaml"), None) is not None:
+        raise ConfigError(f"the sweep dir {sweep_dir} already holds a sweep; give a new hydra.sweep.dir "
+                          "(or leave it out for a fresh outputs/sweeps/<date>_<time>), or continue it with "
+                          f"python -m mnist_lab.train -m resume={sweep_dir}")
+    check_writable(sweep_dir, "sweep dir", "resume=<sweep dir>" if resume else "hydra.sweep.dir=...")
 
 
 def sweep_command(argv: list[str]) -> list[str]:

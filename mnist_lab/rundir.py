@@ -1,9 +1,5 @@
-"""The run dir: its layout, and reading it back: its history, its summary, its checkpoints (safely).
-
-A run dir (``outputs/runs/<date>_<time>/``, or a sweep's job dir) holds ``config.yaml``,
-``checkpoints/{best,last}.ckpt``, ``metrics.csv`` (the history, Lightning's CSVLogger), ``metrics.json``
-(the summary and its ``status``: ``completed``, ``failed``, ``diverged`` or ``interrupted``), the
-evaluation suite's files and plots; :mod:`mnist_lab.record` writes it. Files are written atomically.
+"""The run dir (``outputs/runs/<date>_<time>/``, or a sweep's job dir): its layout, and reading it back
+(history, summary, checkpoints, safely); :mod:`mnist_lab.record` writes it, atomically.
 """
 
 import contextlib
@@ -121,6 +117,13 @@ def given_checkpoints(ckpt_path, run_dir) -> list[Path]:
         raise ConfigError("give exactly one of ckpt_path=<file.ckpt> or run_dir=<run dir> (or a list of either)")
     given = [run_dir or ckpt_path] if isinstance(run_dir or ckpt_path, str | Path) else list(run_dir or ckpt_path)
     return [RunDir(r).tested_checkpoint() for r in given] if run_dir else [Path(p) for p in given]
+
+
+def sweep_root(path: Path) -> Path | None:
+    """The outermost dir at or above ``path`` that holds a sweep (``multirun.yaml``): what ``-m resume=``
+    continues (a study's, for its nuisance trials); None: no sweep."""
+    return next((p for p in [*reversed(path.absolute().parents), path.absolute()] if (p / "multirun.yaml").is_file()),
+                None)
 
 
 def check_writable(folder: str | Path, what: str = "run dir", key: str = "hydra.run.dir=... (or output_dir)") -> None:

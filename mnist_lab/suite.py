@@ -1,13 +1,5 @@
-"""The evaluation suite: robustness, calibration and error analysis on the logits of ``Trainer.test``.
-
-:class:`EvaluationSuite` is a Lightning callback whose :meth:`~EvaluationSuite.dataloaders` are a
-``Trainer.test``'s: the test split (the module's ``test_step`` logs its metrics), the validation split
-(temperature scaling) and a perturbed copy of the test split per robustness setting. It collects the
-logits the module returns, gathers them across DDP ranks, computes the rest with :mod:`mnist_lab.metrics`,
-logs the headline figures (``test/ece``, ``test/nll``, ``temperature``, ``test/*_scaled``,
-``robustness/*``) through Lightning, and rank 0 writes ``confusion_matrix.png``, ``evaluation.json``,
-``robustness.json`` and the plots (``robustness.png``, ``calibration.png``, ``errors.png``: the most
-confident mistakes, ``predictions.png``) into ``output_dir`` (docs/evaluation.md).
+"""The evaluation suite: robustness, calibration and error analysis on the logits of ``Trainer.test``
+(docs/evaluation.md).
 """
 
 from pathlib import Path
@@ -43,8 +35,11 @@ class Perturbed:
 
 
 class EvaluationSuite(L.Callback):
-    """Test metrics of a ``Trainer.test`` run and, with ``full``, the whole suite; afterwards
-    :attr:`result` holds what ``evaluation.json`` holds.
+    """Test metrics of a ``Trainer.test`` run and, with ``full``, the whole suite (figures logged through
+    Lightning: ``test/ece``, ``test/nll``, ``temperature``, ``test/*_scaled``, ``robustness/*``); afterwards
+    :attr:`result` holds what ``evaluation.json`` holds. Rank 0 writes ``confusion_matrix.png``,
+    ``evaluation.json``, ``robustness.json``, ``robustness.png``, ``calibration.png``, ``errors.png`` and
+    ``predictions.png``.
 
     Args:
         output_dir: where rank 0 writes the suite's files; ``None`` writes nothing.

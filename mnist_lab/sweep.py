@@ -1,10 +1,5 @@
-"""Sweeps: the summary of a Hydra multirun sweep dir, and the Hydra pieces of a sweep.
-
-:func:`write_summary` writes ``summary.csv`` (the jobs table, :func:`mnist_lab.results.collect`),
-``summary.md`` (configurations: mean ± sample std over seeds, the Pareto front, Optuna's best trial, the jobs
-that did not complete) and the figures. :class:`SweepCallback` (``hydra.callbacks`` in ``conf/train.yaml``)
-checks a study before its first job, stops a parallel sweep's workers with it, and writes the summary and a
-study's report when the sweep ends; ``python scripts/summarize_sweep.py SWEEP_DIR`` does it by hand.
+"""Sweeps: ``summary.csv``, ``summary.md`` and the figures of a Hydra multirun sweep dir
+(:func:`write_summary`), and :class:`SweepCallback`, the Hydra callback of every multirun.
 """
 
 import contextlib
@@ -24,8 +19,8 @@ from mnist_lab.config import parse_overrides
 from mnist_lab.errors import ConfigError, RunInterrupted, exit_with
 from mnist_lab.plots import plot_acc_vs_params, plot_heatmap, plot_robustness, plot_train_val_gap, plot_val_curves
 from mnist_lab.results import Job, aggregate, collect, factors, fixed, markdown, matches, pareto_front
-from mnist_lab.rundir import write_text_atomic
-from mnist_lab.study import check_spec, values_of, write_report
+from mnist_lab.rundir import sweep_root, write_text_atomic
+from mnist_lab.study import check_spec, spec_of, values_of, write_report
 
 #: summary.md's columns: value -> header.
 COLUMNS = {"test/acc": "test acc", "test/f1_macro": "test macro-F1", "best_val/acc": "best val acc",
@@ -97,14 +92,16 @@ def _plots(sweep_dir: Path, table: pd.DataFrame, groups: pd.DataFrame, title: st
     """The sweep's figures: accuracy against parameters and against FLOPs (where the runs counted them),
     the train−val gap, for a grid of two factors the heatmap, and from the job dirs (where they are) the
     val curves and robustness, means over seeds."""
-    files = [plot_acc_vs_params(groups, sweep_dir / "acc_vs_params.png", title=title, front=pareto_front(groups))]
-    counted = groups.dropna(subset=["flops_per_image"])
+    tested = groups.dropna(subset=["test/acc"])  # none: a study's nuisance trials
+    files = [plot_acc_vs_params(tested, sweep_dir / "acc_vs_params.png", title=title, front=pareto_front(tested))
+             ] if len(tested) else []
+    counted = tested.dropna(subset=["flops_per_image"])
     if len(counted):
         files.append(plot_acc_vs_params(counted, sweep_dir / "acc_vs_flops.png", title=title, x="flops_per_image",
                                         front=pareto_front(counted, cost="flops_per_image")))
     files.append(plot_train_val_gap(groups, sweep_dir / "train_val_gap.png", title=title))
     varying = factors(table)
-    if len(varying) == 2:
+    if len(varying) == 2 and len(tested):
         files.append(plot_heatmap(groups, varying[0], varying[1], sweep_dir / "heatmap.png", title=title))
     done = table[(table["status"] == "completed") & table["job"].map(lambda j: (sweep_dir / j).is_dir())]
     jobs = {g["label"]: [Job.read(sweep_dir / j) for j in done.loc[matches(done, g[varying].to_dict()), "job"]]
@@ -132,7 +129,7 @@ class SweepCallback(Callback):
             keys = {key for key, _, _ in parse_overrides(config.hydra.overrides.task)}
             keys |= {k.lstrip("+~") for k in (OmegaConf.select(config, "hydra.sweeper.params") or {})}
             try:
-                check_spec(OmegaConf.to_container(config.study, resolve=True), keys)
+                check_spec(spec_of(config), keys)
             except ConfigError as e:
                 print(f"error: {e}", file=sys.stderr)
                 sys.exit(1)
@@ -141,8 +138,8 @@ class SweepCallback(Callback):
             signal.signal(signal.SIGTERM, lambda signum, frame: _stop_workers(sweep_dir))
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir, study = Path(config.hydra.sweep.dir), config.get("study")
-        spec = OmegaConf.to_container(study, resolve=True) if study is not None else None
+        sweep_dir = Path(config.hydra.sweep.dir)
+        spec = spec_of(config) if config.get("test", True) else None  # a study's nuisance trials: no report
         try:
             result = write_summary(sweep_dir, title=f"study: {spec['name']}" if spec else None,
                                    table=collect(sweep_dir, values_of(spec) if spec else ()))
@@ -174,5 +171,6 @@ def _stop_workers(sweep_dir: str) -> None:
     for worker in workers:
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signal.SIGKILL)
-    exit_with(RunInterrupted(f"stopped by SIGTERM; continue with: python -m mnist_lab.train -m resume={sweep_dir}",
+    exit_with(RunInterrupted(f"stopped by SIGTERM; continue with: python -m mnist_lab.train -m resume="
+                             f"{sweep_root(Path(sweep_dir))}",
                              "SIGTERM"))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.plugins.environments import ClusterEnvironment
@@ -17,11 +18,12 @@ from omegaconf import DictConfig, open_dict
 
 from mnist_lab.config import build, build_all
 from mnist_lab.console import command, quiet_lightning
-from mnist_lab.errors import ConfigError, RunInterrupted, check_count, exit_with
+from mnist_lab.errors import ConfigError, RunInterrupted, check_bool, check_count, exit_with
 from mnist_lab.plots import RunPlots
 from mnist_lab.record import RunFiles, RunStatus
 from mnist_lab.resuming import continuation, resume_run, sweep_command
 from mnist_lab.rundir import RunDir
+from mnist_lab.study import phases, tuned
 from mnist_lab.suite import EvaluationSuite
 
 #: what main() returns to a sweeper: selection on the validation split, never on the test set
@@ -70,12 +72,14 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None, ckpt_path: str 
                         callbacks=[*(c for c in named.values() if bar or not isinstance(c, ProgressBar)), suite,
                                    *run_callbacks, *callbacks])
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        tested = named[f"{cfg.test_ckpt}_checkpoint"].best_model_path or None  # None: no epoch, the weights in memory
-        trainer.test(module, dataloaders=suite.dataloaders(datamodule), ckpt_path=tested, weights_only=True,
-                     verbose=False)
+        if cfg.get("test", True):  # of the tested checkpoint; None: no epoch ended, the weights in memory
+            tested = named[f"{cfg.test_ckpt}_checkpoint"].best_model_path or None
+            trainer.test(module, dataloaders=suite.dataloaders(datamodule), ckpt_path=tested, weights_only=True,
+                         verbose=False)
     if trainer.is_global_zero:
+        key = "test/acc" if cfg.get("test", True) else "best_val/acc"
         print(f"run dir: {cfg.run_dir}")
-        print(f"test/acc: {files.metrics['test/acc']:.4f}  ({module.name}, {trainer.current_epoch} epochs, "
+        print(f"{key}: {files.metrics[key]:.4f}  ({module.name}, {trainer.current_epoch} epochs, "
               f"{files.metrics['train_seconds']:.1f} s)")
     return files.metrics
 
@@ -96,10 +100,11 @@ def _with_run_dir(cfg: DictConfig, output_dir: str | Path | None, resuming: bool
 
 def _check(cfg: DictConfig) -> None:
     """The settings this module uses. Raises ConfigError: ``seed`` or ``threads`` not a non-negative
-    integer, ``test_ckpt`` not best/last, a required callback or the csv logger set to null."""
+    integer, ``test_ckpt`` not best/last, ``test`` not a boolean, a required callback or the csv logger null."""
     for key, value in (("seed", cfg.seed), ("threads", cfg.get("threads"))):
         if value is not None:
             check_count(key, value, 0, f"{key}=42")
+    check_bool("test", cfg.get("test", True))
     if cfg.get("test_ckpt") not in ("best", "last"):
         raise ConfigError(f"test_ckpt={cfg.get('test_ckpt')!r} must be 'best' or 'last'")
     missing = [name for name in REQUIRED_CALLBACKS if not cfg.callbacks.get(name)]
@@ -118,14 +123,22 @@ def resume(run_dir: str | Path) -> dict:
 
 
 def main() -> None:
-    """``python -m mnist_lab.train [overrides]``: train one run, or a ``-m`` sweep; ``resume=RUN_DIR``
-    continues a killed or interrupted run, ``-m resume=SWEEP_DIR`` a sweep (:func:`~mnist_lab.resuming.sweep_command`).
-    Bad input: one line and the error's exit code."""
+    """``python -m mnist_lab.train [overrides]``: train one run, or a ``-m`` sweep (a study with ``nuisance``:
+    two, :func:`~mnist_lab.study.phases`); ``resume=RUN_DIR`` continues a killed or interrupted run,
+    ``-m resume=SWEEP_DIR`` a sweep (:func:`~mnist_lab.resuming.sweep_command`). Bad input: one line and the
+    error's exit code."""
     try:
-        sys.argv = sweep_command(sys.argv)
+        sweeps = phases(sweep_command(sys.argv))
     except ConfigError as e:
         exit_with(e)
-    job()
+    for i, argv in enumerate(sweeps):
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+        try:
+            job()
+        except SystemExit as e:  # a nuisance trial that failed or diverged is a result: the final runs go on
+            if i == len(sweeps) - 1 or e.code != 1:
+                raise
 
 
 @command("train")
@@ -137,7 +150,10 @@ def job(cfg: DictConfig) -> float | None:
     out, multirun = Path(hc.runtime.output_dir), hc.mode == RunMode.MULTIRUN
     try:
         plan = continuation(cfg, out, multirun, hc.overrides.task)
-        return (plan.done or train(plan.config, plan.run_dir, ckpt_path=plan.ckpt_path)).get(OBJECTIVE)
+        if plan.done is not None:
+            return plan.done.get(OBJECTIVE)
+        config = tuned(plan.config, hc.overrides.task, Path(hc.sweep.dir)) if multirun else plan.config
+        return train(config, plan.run_dir, ckpt_path=plan.ckpt_path).get(OBJECTIVE)
     except Exception as e:
         if not multirun or isinstance(e, RunInterrupted):
             raise

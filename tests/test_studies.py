@@ -16,9 +16,10 @@ from conftest import QUIET, REPO, cli
 from omegaconf import OmegaConf
 from scipy import stats
 
+from mnist_lab.config import load_config
 from mnist_lab.errors import ConfigError
 from mnist_lab.results import Job, job_value, matches, read_summary
-from mnist_lab.study import check_spec, compare, values_of, write_report
+from mnist_lab.study import check_spec, compare, spec_of, values_of, write_report
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "study"
 FAST = ["trainer.max_epochs=2", "trainer.limit_train_batches=3",  # one-cycle needs >= 3 steps per epoch
@@ -111,7 +112,7 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
                cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"report: {sweep / 'report.md'}" in proc.stdout
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    cfg = load_config([f"+study={name}"], hydra=True)  # a tuned study's YAML extends an untuned one
     spec, grid = cfg.study, cfg.hydra.sweeper.params
     threshold = float(spec.get("threshold", 0.99))
 
@@ -120,7 +121,7 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
     assert axes["seed"] == ["0", "1", "2"]
     jobs = {}
     for job in sweep.iterdir():
-        if job.is_dir():
+        if (job / ".hydra").is_dir():  # a tuned study's nuisance trials are a sweep of their own
             overrides = OmegaConf.load(job / ".hydra" / "overrides.yaml")  # the job's full record
             factors = dict(str(o).split("=", 1) for o in overrides)
             jobs[job] = {k.lstrip("+"): v.lower() for k, v in factors.items()}
@@ -134,7 +135,7 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
                 *(f"steps_{m.replace('/', '_')}.png" for m in spec.get("step_curves", []))]:
         assert f"]({png})" in report and (sweep / png).stat().st_size > 10_000
     table = {}
-    for line in report.split("## Results")[1].split("## Comparisons")[0].splitlines():
+    for line in report.split("## Results")[1].split("## Comparisons")[0].split("## Tuning")[0].splitlines():
         if line.startswith("| ") and not line.startswith(("| configuration", "| ---")):
             cells = [c.strip() for c in line.strip("|").split("|")]
             label = re.sub(r"^.* \((.*)\)$", r"\1", cells[0])  # "conv only (dropout=0.25, ...)": the factors
@@ -210,6 +211,73 @@ def test_each_study_runs_its_grid_and_its_report_matches_a_hand_computation(name
     assert answer.count("p = ") == len(tested) and answer.count("not significant") == tested.count("no")
 
 
+def trials_and_finals(study: Path) -> tuple[dict, dict]:
+    """By hand, from the run dirs: each nuisance trial's (depth, lr) -> best val acc, and each final run's
+    (depth, seed) -> the lr its config.yaml trained with."""
+    def runs(folder):
+        return [(OmegaConf.load(j / "config.yaml"), json.loads((j / "metrics.json").read_text()))
+                for j in sorted(folder.iterdir()) if (j / "metrics.json").is_file()]
+    trials = {(c.model.depth, c.optimizer.lr): m for c, m in runs(study / "nuisance")}
+    finals = {(c.model.depth, c.seed): c.optimizer.lr for c, _ in runs(study)}
+    return trials, finals
+
+
+def test_a_tuned_study_picks_each_arms_lr_on_validation_never_tests_a_trial_and_resumes_to_the_same_choice(
+        synthetic_root, tmp_path):
+    """+study=depth_tuned on 2 depths x 2 seeds: 8 nuisance trials (4 learning rates at seed 0), none with a
+    test/ figure, then 4 final runs, each at its depth's learning rate of the best trial by best_val/acc.
+    Killed by SIGTERM in its third trial, `-m resume=` makes the same choices and the same final runs."""
+    args = ["-m", "+study=depth_tuned", "model.depth=0,1", "seed=0,1", *FAST, "trainer.deterministic=true",
+            *[f"+callbacks.kill.{k}={v}" for k, v in (("_target_", "probes.SignalAtJob"), ("epoch", 1), ("batch", 1),
+                                                      ("signal", "SIGTERM"))]]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    proc = cli("mnist_lab.train", *args, f"hydra.sweep.dir={whole}", data_root=synthetic_root, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials, finals = trials_and_finals(whole)
+    assert len(trials) == 8 and len(finals) == 4
+    for metrics in trials.values():
+        assert metrics["status"] == "completed" and metrics["seed"] == 0 and metrics["test_ckpt"] is None
+        assert not [k for k in metrics if k.startswith("test/")]  # the test split was never read
+    for (depth, _), lr in finals.items():
+        by_lr = {lr_: m["best_val/acc"] for (d, lr_), m in trials.items() if d == depth}
+        assert lr == max(by_lr, key=by_lr.get)  # first in grid order on a tie, as max() takes
+    report = (whole / "report.md").read_text()
+    assert "Trainings: 8 trials + 4 final runs = 12." in report and (whole / "isolation.png").stat().st_size > 10_000
+    chosen = {depth: lr for (depth, _), lr in finals.items()}
+    assert [f"| depth={d} | {lr} |" in report.split("## Tuning")[1] for d, lr in chosen.items()] == [True, True]
+
+    proc = cli("mnist_lab.train", *args, f"hydra.sweep.dir={killed}", data_root=synthetic_root, cwd=tmp_path,
+               env={"MNIST_LAB_SIGNAL_JOB": "2"})
+    assert proc.returncode == 143 and f"continue with: python -m mnist_lab.train -m resume={killed}" in proc.stderr
+    assert not [p for p in killed.iterdir() if (p / ".hydra").is_dir()]  # it died in the nuisance phase
+    proc = cli("mnist_lab.train", "-m", f"resume={killed}", data_root=synthetic_root, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("completed before, skipped") == 2  # the two trials before the kill
+    assert trials_and_finals(killed)[1] == finals
+    def table(path):  # every job's every figure, as summary.csv writes it, but the time
+        return pd.read_csv(path, dtype=str, keep_default_na=False).drop(columns="train_seconds").to_dict("records")
+    assert table(killed / "summary.csv") == table(whole / "summary.csv")
+
+
+def test_the_power_figures_match_statsmodels_and_cohens_table():
+    """The seeds that detect a difference of d standard deviations with 80 % power (two-sided 5 %):
+    Cohen (1988), Statistical Power Analysis, table 2.4.1: d = 0.5 needs 64 per group, d = 0.8 needs 26;
+    statsmodels 0.14.6 TTestIndPower().solve_power(effect_size=0.5, alpha=0.05, power=0.8) = 63.77. The
+    smallest detectable difference at n = 10 per group, sd 1: TTestIndPower().solve_power(nobs1=10, alpha=0.05,
+    power=0.8) = 1.32495; one sample of 10 (TTestPower): 0.99600."""
+    from mnist_lab.study import detectable, power, seeds_needed
+
+    assert seeds_needed(0.5, 1.0, 1.0) == 64 and seeds_needed(0.8, 1.0, 1.0) == 26
+    assert power(0.5, 1.0, 64, 1.0, 64) == pytest.approx(0.80146, abs=1e-5)
+    assert detectable(1.0, 10, 1.0, 10) == pytest.approx(1.32495, abs=1e-4)
+    assert detectable(1.0, 10) == pytest.approx(0.99600, abs=1e-4)
+    result = compare([0.1, 0.3, 0.2], [0.15, 0.25, 0.2])  # means equal: not significant
+    assert not result["significant"] and result["seeds_needed"] is None  # no difference to detect
+    result = compare([0.1, 0.3, 0.2], [0.2, 0.4, 0.3])  # a difference of one sd: d = 1
+    assert not result["significant"] and result["seeds_needed"] == seeds_needed(0.1, 0.01, 0.01) == 17
+    assert result["detectable"] == pytest.approx(detectable(0.01, 3, 0.01, 3))
+
+
 def test_a_bad_study_spec_stops_the_sweep_before_training_with_one_line(synthetic_root, tmp_path):
     sweep = tmp_path / "study"
     proc = cli("mnist_lab.train", "+study=depth", "study.columns=[test/accuracy]", *FAST, f"hydra.sweep.dir={sweep}",
@@ -244,7 +312,7 @@ def test_a_committed_report_regenerates_from_its_summary_csv(name, tmp_path):
     history, which summary.csv did not keep before this version, cannot be regenerated from it)."""
     folder = REPO / "docs" / "studies" / name
     table = read_summary(folder / "summary.csv")
-    spec = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml").study, resolve=True)
+    spec = spec_of(load_config([f"+study={name}"]))
     missing = [m for m in values_of(spec) if job_value(Job.from_row(table.iloc[0]), m) is None]
     if missing:
         pytest.skip(f"{name} reads values of the runs' history, not in its summary.csv: {', '.join(missing)}")
