@@ -100,9 +100,8 @@ class Classifier(StepsPerExecution, L.LightningModule):
     [0, 1] ``(B, 1, 28, 28)`` -> float logits ``(B, num_classes)``, normalised inside with the float32 scalar
     buffers ``mean`` and ``std`` that ``setup`` takes from the fitted datamodule and every checkpoint keeps.
     Configs for ``net``, ``optimizer`` and ``scheduler`` are saved as hyper-parameters, so a checkpoint
-    describes the whole model: ``Classifier.load_from_checkpoint(path)``. Logged once per epoch (means over
-    images): ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/{precision,recall,f1}_macro``
-    (``test/`` in ``Trainer.test``).
+    describes the whole model: ``Classifier.load_from_checkpoint(path)``. Logged per epoch (means over images):
+    ``{train,val}/{loss,acc}``, ``val/{precision,recall,f1}_macro`` (``test/`` in ``Trainer.test``).
 
     Args:
         net: a ``_target_`` config of an ``nn.Module`` class (``conf/model/*.yaml``, ``model_config``), or an

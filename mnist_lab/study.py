@@ -1,23 +1,16 @@
-"""Studies: a sweep that answers one research question, with a ``report.md`` beside its summary.
-
-A study is a named sweep config, ``conf/study/<name>.yaml``, run with ``python -m mnist_lab.train
-+study=<name>``, whose ``study`` node (question, protocol, cut, columns, plots, comparisons, nuisance; every
-key is in docs/studies/README.md) every job saves in its ``.hydra/config.yaml``. Columns and comparisons name
-per-job values (:mod:`mnist_lab.results`).
+"""Studies: a sweep that answers one research question (``conf/study/<name>.yaml``, run with ``python -m
+mnist_lab.train +study=<name>``), and its ``report.md``. The ``study`` node (its keys: docs/studies/README.md)
+is saved in every job's ``.hydra/config.yaml``; columns and comparisons name per-job values (results.py).
 """
 
 import math
-import statistics
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from mnist_lab import results
-from mnist_lab.config import load_config, parse_overrides
 from mnist_lab.data import DATASETS
 from mnist_lab.errors import ConfigError
 from mnist_lab.plots import plot_isolation, plot_run_curves
@@ -26,7 +19,6 @@ from mnist_lab.results import (
     Job,
     aggregate,
     as_yaml,
-    collect,
     config_label,
     factors,
     job_value,
@@ -34,8 +26,9 @@ from mnist_lab.results import (
     matches,
     read_summary,
 )
-from mnist_lab.resuming import check_sweep_dir
 from mnist_lab.rundir import read_history, write_text_atomic
+from mnist_lab.stats import compare
+from mnist_lab.tuning import choices
 
 #: Names of the per-job values in the report's prose and table headers (others: spelled out, or their name).
 LABELS = {
@@ -50,7 +43,6 @@ LABELS = {
     "steps_to_val_acc": "steps to val acc ≥ {}", "epochs_to_val_acc": "epochs to val acc ≥ {}",
     "gap_epoch": "train−val gap, epoch {}", "robustness": "acc, {} {}",
 }
-ALPHA, POWER = 0.05, 0.8
 
 
 def label(metric: str) -> str:
@@ -116,129 +108,6 @@ def spec_of(cfg: DictConfig) -> dict | None:
 def study_spec(sweep_dir: str | Path) -> dict | None:
     """:func:`spec_of` the first job's saved ``.hydra/config.yaml``; None for a plain sweep."""
     return next((spec_of(OmegaConf.load(f)) for f in sorted(Path(sweep_dir).rglob(".hydra/config.yaml"))), None)
-
-
-def phases(argv: list[str]) -> list[list[str]]:
-    """The sweeps of a command line: itself, or for a study with ``nuisance`` (a sweep) its two phases into its
-    one study dir D: the nuisance trials into ``D/nuisance`` (every arm at every nuisance value, at the study's
-    first seed, ``test=false``), then the final runs into D (every arm and seed at its arm's choice,
-    :func:`tuned`). ``D/multirun.yaml`` is saved first: ``-m resume=D`` continues in whichever phase it died.
-
-    Raises:
-        ConfigError: a new study into a dir that holds one, or that cannot be written.
-    """
-    parsed = OverridesParser.create().parse_overrides([a for a in argv[1:] if "=" in a and not a.startswith("-")])
-    if "study" not in {o.key_or_group for o in parsed}:
-        return [argv]
-    cfg = load_config([o.input_line for o in parsed if not o.is_sweep_override()], hydra=True)  # sweeps: -m's
-    if not OmegaConf.select(cfg, "study.nuisance"):
-        return [argv]
-    study, trials, nuisance = Path(cfg.hydra.sweep.dir), Path(cfg.hydra.sweep.dir) / "nuisance", cfg.study.nuisance
-    check_sweep_dir(study, cfg.get("resume"))
-    if not cfg.get("resume"):  # the command, as resuming.sweep_command reads it
-        lines = {kind: [o.input_line for o in parsed if o.is_hydra_override() == (kind == "hydra")]
-                 for kind in ("task", "hydra")}
-        OmegaConf.save({"hydra": {"overrides": lines}}, study / "multirun.yaml")
-    seeds = next((o for o in parsed if o.key_or_group == "seed"), None)  # the first seed of the sweep's
-    seed = next(seeds.sweep_string_iterator()) if seeds and seeds.is_sweep_override() else seeds.value() if seeds \
-        else str(OmegaConf.select(cfg, "hydra.sweeper.params.seed") or cfg.seed).split(",")[0]
-    base = [a for a in argv if a.split("=", 1)[0] not in ("hydra.sweep.dir", "resume")]
-    return [[*base, f"hydra.sweep.dir={trials}", f"seed={seed}", "test=false",
-             *(f"{k}={','.join(map(str, v))}" for k, v in nuisance.items()),
-             *([f"resume={trials}"] if (trials / "multirun.yaml").is_file() else [])],
-            [*base, f"hydra.sweep.dir={study}", f"resume={study}"]]
-
-
-def choices(trials: pd.DataFrame, nuisance: Sequence[str]) -> tuple[pd.DataFrame, list[str]]:
-    """Each arm's best completed nuisance trial by validation accuracy (``best_val/acc``; on a tie the first
-    in grid order): the rows of ``trials`` (their jobs table), and the arm keys (the factors not in ``nuisance``)."""
-    arms = [k for k in factors(trials) if k not in nuisance]
-    done = trials[trials["status"] == "completed"]
-    ranked = done.assign(rank=pd.to_numeric(done["best_val/acc"])).sort_values("rank", ascending=False, kind="stable")
-    best = ranked.groupby(arms, sort=False).head(1) if arms else ranked.head(1)
-    return best.drop(columns="rank").sort_index(), arms
-
-
-def tuned(cfg: DictConfig, task: Sequence[str], sweep_dir: Path) -> DictConfig:
-    """A final run of a study with ``nuisance``: ``cfg`` with each nuisance key at its arm's choice
-    (:func:`choices` of ``sweep_dir/nuisance``; the arm: the job's overrides ``task`` on the arm keys). Any
-    other run's config is returned as it is.
-
-    Raises:
-        ConfigError: no completed trial of the arm.
-    """
-    nuisance = OmegaConf.select(cfg, "study.nuisance")
-    if not nuisance or not cfg.get("test", True):
-        return cfg
-    best, arms = choices(collect(sweep_dir / "nuisance"), list(nuisance))
-    arm = {k: v for k, v, _ in parse_overrides(task) if k in arms}
-    chosen = best[matches(best, arm)]
-    if chosen.empty:
-        raise ConfigError(f"study {cfg.study.name}: no completed nuisance trial of {config_label(arm)} in "
-                          f"{sweep_dir / 'nuisance'}; see its summary.md")
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={chosen.iloc[0][k]}" for k in nuisance]))
-
-
-def power(diff: float, var_a: float, n_a: int, var_b: float | None = None, n_b: int = 0) -> float:
-    """The power of the two-sided t-test at :data:`ALPHA` (Welch's; one-sample when ``var_b`` is None) to
-    detect a true difference ``diff`` with these sample variances and sizes: the noncentral t (scipy)."""
-    from scipy import stats
-    va, vb = var_a / n_a, (var_b / n_b if var_b is not None else 0.0)
-    df = n_a - 1 if var_b is None else (va + vb) ** 2 / (va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1))
-    crit, nc = stats.t.ppf(1 - ALPHA / 2, df), abs(diff) / math.sqrt(va + vb)
-    wrong_tail = stats.nct.cdf(-crit, df, nc)  # below 1e-10 from nc = 5; NaN in scipy far out
-    return float(stats.nct.sf(crit, df, nc) + (0.0 if math.isnan(wrong_tail) else wrong_tail))
-
-
-def detectable(var_a: float, n_a: int, var_b: float | None = None, n_b: int = 0) -> float:
-    """The smallest difference these runs detect with :data:`POWER` (80 %): :func:`power`'s root (brentq)."""
-    from scipy.optimize import brentq
-    se = math.sqrt(var_a / n_a + (var_b / n_b if var_b is not None else 0.0))
-    return float(brentq(lambda d: power(d, var_a, n_a, var_b, n_b) - POWER, 0.0, 100 * se))
-
-
-def seeds_needed(diff: float, var_a: float, var_b: float | None = None, most: int = 100_000) -> int | None:
-    """The fewest seeds per arm (both arms alike) at which :func:`power` to detect ``diff`` with these
-    variances reaches :data:`POWER`; None beyond ``most``. Cohen (1988), table 2.4.1: d = 0.5 needs 64."""
-    low, high = 1, most  # power grows with n: bisect between a short and a long enough n
-    if power(diff, var_a, high, var_b, high) < POWER:
-        return None
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (low, middle) if power(diff, var_a, middle, var_b, middle) >= POWER else (middle, high)
-    return high
-
-
-def compare(a: list[float], b: list[float] | None = None, published: float | None = None) -> dict:
-    """Difference of means, its 95 % confidence interval and a two-sided t-test: ``mean(a) − mean(b)``
-    with Welch's t-test (unequal variances), or ``mean(a) − published`` with the one-sample t-test.
-
-    Returns:
-        ``{"diff", "low", "high", "t", "df", "p", "n_a", "n_b", "significant", "detectable", "seeds_needed"}``;
-        ``t``, ``p``, ``low``, ``high`` NaN (not significant) when there is no test: fewer than 2 values in a
-        group, no spread. ``detectable``: the smallest difference these runs detect with 80 % power
-        (:func:`detectable`); ``seeds_needed``: for a difference that is not significant, the seeds per arm
-        that would detect it (:func:`seeds_needed`; None: more than 100,000, or significant, or no test).
-    """
-    from scipy import stats  # imported here: only reports need it
-    shift = 0.0 if b is not None else published  # the one-sample interval is of mean(a): shifted
-    t = p = df = low = high = math.nan
-    if len(a) > 1 and (b is None or len(b) > 1):
-        with warnings.catch_warnings():  # identical values: scipy warns and returns NaN, reported as "no test"
-            warnings.simplefilter("ignore", RuntimeWarning)
-            r = stats.ttest_1samp(a, published) if b is None else stats.ttest_ind(a, b, equal_var=False)
-            ci = r.confidence_interval(1 - ALPHA)
-        t, p, df, low, high = (float(v) for v in (r.statistic, r.pvalue, r.df, ci.low - shift, ci.high - shift))
-    if not math.isfinite(t):  # no spread (t = ±inf or 0/0): no test rather than a p of 0
-        t = p = low = high = math.nan
-    diff, detect, needed = statistics.fmean(a) - (statistics.fmean(b) if b is not None else published), math.nan, None
-    if not math.isnan(p):
-        var_a, var_b = statistics.variance(a), statistics.variance(b) if b is not None else None
-        detect = detectable(var_a, len(a), var_b, len(b) if b is not None else 0)
-        needed = seeds_needed(diff, var_a, var_b) if p >= ALPHA else None
-    return {"diff": diff, "low": low, "high": high, "t": t, "df": df, "p": p, "n_a": len(a),
-            "n_b": len(b) if b is not None else 0, "significant": bool(p < ALPHA), "detectable": detect,
-            "seeds_needed": needed}
 
 
 def _counted(metric: str) -> bool:  # "not reached" is no value: the cell says how many reached it
@@ -377,11 +246,10 @@ class _Report:
 
     def tuning(self, sweep_dir: Path) -> list[str]:
         """A study with ``nuisance``: the grid, each arm's choice, the isolation plot and the trainings."""
-        nuisance = list(self.spec.get("nuisance") or [])
-        if not nuisance or not (sweep_dir / "nuisance" / "summary.csv").is_file():
+        nuisance, path = list(self.spec.get("nuisance") or []), sweep_dir / "nuisance" / "summary.csv"
+        if not nuisance or not path.is_file():
             return []
-        trials = read_summary(sweep_dir / "nuisance" / "summary.csv")
-        best, arms = choices(trials, nuisance)
+        best, arms = choices(trials := read_summary(path), nuisance)
         trials["label"] = [", ".join(f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in nuisance) for _, r in trials.iterrows()]
         plot_isolation(trials[trials["status"] == "completed"], best, arms, sweep_dir / "isolation.png",
                        title=f"study: {self.spec['name']}: nuisance trials")

@@ -23,8 +23,8 @@ from mnist_lab.plots import RunPlots
 from mnist_lab.record import RunFiles, RunStatus
 from mnist_lab.resuming import continuation, resume_run, sweep_command
 from mnist_lab.rundir import RunDir
-from mnist_lab.study import phases, tuned
 from mnist_lab.suite import EvaluationSuite
+from mnist_lab.tuning import phases, tuned
 
 #: what main() returns to a sweeper: selection on the validation split, never on the test set
 OBJECTIVE = "best_val/acc"

@@ -19,7 +19,8 @@ from scipy import stats
 from mnist_lab.config import load_config
 from mnist_lab.errors import ConfigError
 from mnist_lab.results import Job, job_value, matches, read_summary
-from mnist_lab.study import check_spec, compare, spec_of, values_of, write_report
+from mnist_lab.stats import compare
+from mnist_lab.study import check_spec, spec_of, values_of, write_report
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "study"
 FAST = ["trainer.max_epochs=2", "trainer.limit_train_batches=3",  # one-cycle needs >= 3 steps per epoch
@@ -265,7 +266,7 @@ def test_the_power_figures_match_statsmodels_and_cohens_table():
     statsmodels 0.14.6 TTestIndPower().solve_power(effect_size=0.5, alpha=0.05, power=0.8) = 63.77. The
     smallest detectable difference at n = 10 per group, sd 1: TTestIndPower().solve_power(nobs1=10, alpha=0.05,
     power=0.8) = 1.32495; one sample of 10 (TTestPower): 0.99600."""
-    from mnist_lab.study import detectable, power, seeds_needed
+    from mnist_lab.stats import detectable, power, seeds_needed
 
     assert seeds_needed(0.5, 1.0, 1.0) == 64 and seeds_needed(0.8, 1.0, 1.0) == 26
     assert power(0.5, 1.0, 64, 1.0, 64) == pytest.approx(0.80146, abs=1e-5)
