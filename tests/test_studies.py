@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import re
+import shutil
 import statistics
 from pathlib import Path
 
@@ -311,9 +312,12 @@ def test_a_committed_report_regenerates_from_its_summary_csv(name, tmp_path):
     """The committed report's tables, comparisons and answer, made again from its summary.csv alone, are the
     committed text to the character (the figures need the run dirs; a study whose values need the runs'
     history, which summary.csv did not keep before this version, cannot be regenerated from it)."""
-    folder = REPO / "docs" / "studies" / name
+    folder = REPO / "docs" / "studies" / name  # e.g. depth_tuned_fashion_mnist: the study its report names
     table = read_summary(folder / "summary.csv")
-    spec = spec_of(load_config([f"+study={name}"]))
+    spec = spec_of(load_config([f"+study={(folder / 'report.md').read_text().splitlines()[0].split()[-1]}"]))
+    if (folder / "nuisance" / "summary.csv").is_file():  # a tuned study's trials
+        (tmp_path / "nuisance").mkdir()
+        shutil.copy(folder / "nuisance" / "summary.csv", tmp_path / "nuisance")
     missing = [m for m in values_of(spec) if job_value(Job.from_row(table.iloc[0]), m) is None]
     if missing:
         pytest.skip(f"{name} reads values of the runs' history, not in its summary.csv: {', '.join(missing)}")
