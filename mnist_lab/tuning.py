@@ -35,11 +35,12 @@ def phases(argv: list[str]) -> list[list[str]]:
         lines = {kind: [o.input_line for o in parsed if o.is_hydra_override() == (kind == "hydra")]
                  for kind in ("task", "hydra")}
         OmegaConf.save({"hydra": {"overrides": lines}}, study / "multirun.yaml")
-    seeds = next((o for o in parsed if o.key_or_group == "seed"), None)  # the first seed of the sweep's
-    seed = next(seeds.sweep_string_iterator()) if seeds and seeds.is_sweep_override() else seeds.value() if seeds \
-        else str(OmegaConf.select(cfg, "hydra.sweeper.params.seed") or cfg.seed).split(",")[0]
+    seeds = next((o for o in parsed if o.key_or_group == "seed"), None) or OverridesParser.create().parse_override(
+        f"seed={OmegaConf.select(cfg, 'hydra.sweeper.params.seed', default=cfg.seed)}")  # the trials': the first
+    seed = next(seeds.sweep_string_iterator()) if seeds.is_sweep_override() else seeds.get_value_element_as_str()
     base = [a for a in argv if a.split("=", 1)[0] not in ("hydra.sweep.dir", "resume")]
-    return [[*base, f"hydra.sweep.dir={trials}", f"seed={seed}", "test=false",
+    return [[*(a for a in base if a.split("=", 1)[0] not in ("seed", *nuisance)), f"hydra.sweep.dir={trials}",
+             f"seed={seed}", "test=false",
              *(f"{k}={','.join(map(str, v))}" for k, v in nuisance.items()),
              *([f"resume={trials}"] if (trials / "multirun.yaml").is_file() else [])],
             [*base, f"hydra.sweep.dir={study}", f"resume={study}"]]
