@@ -106,8 +106,10 @@ def spec_of(cfg: DictConfig) -> dict | None:
 
 
 def study_spec(sweep_dir: str | Path) -> dict | None:
-    """:func:`spec_of` the first job's saved ``.hydra/config.yaml``; None for a plain sweep."""
-    return next((spec_of(OmegaConf.load(f)) for f in sorted(Path(sweep_dir).rglob(".hydra/config.yaml"))), None)
+    """:func:`spec_of` the first job's saved ``.hydra/config.yaml``; None for a plain sweep, or the nuisance
+    trials of a study (no report of their own)."""
+    configs = (OmegaConf.load(f) for f in sorted(Path(sweep_dir).rglob(".hydra/config.yaml")))
+    return next((spec_of(c) for c in configs if c.get("test", True)), None)
 
 
 def _counted(metric: str) -> bool:  # "not reached" is no value: the cell says how many reached it
