@@ -318,7 +318,7 @@ def test_a_committed_report_regenerates_from_its_summary_csv(name, tmp_path):
     if (folder / "nuisance" / "summary.csv").is_file():  # a tuned study's trials
         (tmp_path / "nuisance").mkdir()
         shutil.copy(folder / "nuisance" / "summary.csv", tmp_path / "nuisance")
-    missing = [m for m in values_of(spec) if job_value(Job.from_row(table.iloc[0]), m) is None]
+    missing = [m for m in values_of(spec) if m not in table and job_value(Job.from_row(table.iloc[0]), m) is None]
     if missing:
         pytest.skip(f"{name} reads values of the runs' history, not in its summary.csv: {', '.join(missing)}")
     write_report(tmp_path, spec, table)
