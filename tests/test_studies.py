@@ -264,7 +264,7 @@ def test_a_tuned_study_picks_each_arms_lr_on_validation_never_tests_a_trial_and_
 def test_the_power_figures_match_statsmodels_and_cohens_table():
     """The seeds that detect a difference of d standard deviations with 80 % power (two-sided 5 %):
     Cohen (1988), Statistical Power Analysis, table 2.4.1: d = 0.5 needs 64 per group, d = 0.8 needs 26;
-    statsmodels 0.14.6 TTestIndPower().solve_power(effect_size=0.5, alpha=0.05, power=0.8) = 63.77. The
+    statsmodels 0.15.0 TTestIndPower().solve_power(effect_size=0.5, alpha=0.05, power=0.8) = 63.77. The
     smallest detectable difference at n = 10 per group, sd 1: TTestIndPower().solve_power(nobs1=10, alpha=0.05,
     power=0.8) = 1.32495; one sample of 10 (TTestPower): 0.99600."""
     from mnist_lab.stats import detectable, power, seeds_needed
