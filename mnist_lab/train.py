@@ -124,7 +124,7 @@ def resume(run_dir: str | Path) -> dict:
 
 def main() -> None:
     """``python -m mnist_lab.train [overrides]``: train one run, or a ``-m`` sweep (a study with ``nuisance``:
-    two, :func:`~mnist_lab.study.phases`); ``resume=RUN_DIR`` continues a killed or interrupted run,
+    two, :func:`~mnist_lab.tuning.phases`); ``resume=RUN_DIR`` continues a killed or interrupted run,
     ``-m resume=SWEEP_DIR`` a sweep (:func:`~mnist_lab.resuming.sweep_command`). Bad input: one line and the
     error's exit code."""
     try:

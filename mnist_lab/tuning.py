@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnist_lab.config import load_config, parse_overrides
 from mnist_lab.errors import ConfigError
-from mnist_lab.results import collect, config_label, factors, matches
+from mnist_lab.results import config_label, factors, matches, read_summary
 from mnist_lab.resuming import check_sweep_dir
 
 
@@ -58,16 +58,19 @@ def choices(trials: pd.DataFrame, nuisance: Sequence[str]) -> tuple[pd.DataFrame
 
 def tuned(cfg: DictConfig, task: Sequence[str], sweep_dir: Path) -> DictConfig:
     """A final run of a study with ``nuisance``: ``cfg`` with each nuisance key at its arm's choice
-    (:func:`choices` of ``sweep_dir/nuisance``; the arm: the job's overrides ``task`` on the arm keys). Any
-    other run's config is returned as it is.
+    (:func:`choices` of the trials' ``sweep_dir/nuisance/summary.csv``, the table the report reads too; the
+    arm: the job's overrides ``task`` on the arm keys). Any other run's config is returned as it is.
 
     Raises:
-        ConfigError: no completed trial of the arm.
+        ConfigError: the trials have no summary, or no completed trial of the arm.
     """
-    nuisance = OmegaConf.select(cfg, "study.nuisance")
+    nuisance, summary = OmegaConf.select(cfg, "study.nuisance"), sweep_dir / "nuisance" / "summary.csv"
     if not nuisance or not cfg.get("test", True):
         return cfg
-    best, arms = choices(collect(sweep_dir / "nuisance"), list(nuisance))
+    if not summary.is_file():
+        raise ConfigError(f"study {cfg.study.name}: {summary} is missing; write it with python "
+                          f"scripts/summarize_sweep.py {summary.parent}, then continue with -m resume={sweep_dir}")
+    best, arms = choices(read_summary(summary), list(nuisance))
     arm = {k: v for k, v, _ in parse_overrides(task) if k in arms}
     chosen = best[matches(best, arm)]
     if chosen.empty:
