@@ -260,25 +260,23 @@ def plot_reliability(bins: list[dict], path: str | Path, title: str = "") -> Pat
     return _save(fig, path, title)
 
 
-def plot_isolation(trials: pd.DataFrame, chosen: pd.DataFrame, arms: list[str], path: str | Path,
-                   title: str = "", metric: str = "best_val/acc") -> Path:
-    """``isolation.png`` (Google's Deep Learning Tuning Playbook): ``metric`` of every nuisance trial
-    against its arm (one column per arm, labelled with ``arms``' values), each point labelled with its
-    nuisance values, the ``chosen`` trials (rows of ``trials``) marked by a star. ``trials``: their jobs table
-    (:func:`mnist_lab.results.collect`), a ``label`` column naming each trial's nuisance values."""
-    n_arms = len(trials[arms].drop_duplicates()) if arms else 1
-    fig, ax, per_arm = *_figure(max(5.0, 1.6 * n_arms + 2), 4.5), len(trials) / n_arms
-    names, counts = {}, {}
-    for i, t in trials.iterrows():
-        arm = names.setdefault(", ".join(f"{k.rsplit('.', 1)[-1]}={t[k]}" for k in arms) or "all", len(names))
-        x, star = arm + 0.12 * (counts.get(arm, 0) - (per_arm - 1) / 2), i in chosen.index  # side by side
-        counts[arm] = counts.get(arm, 0) + 1
-        ax.plot(x, float(t[metric]), "*" if star else "o", ms=13 if star else 6, color="crimson" if star else "C0",
-                zorder=3 if star else 2, label="chosen (best validation)" if star else "nuisance trial")
-        ax.annotate(t["label"], (x, float(t[metric])), textcoords="offset points", xytext=(6, -3), fontsize=7,
-                    rotation=30)
-    ax.set_xticks(range(len(names)), list(names), fontsize=8)
-    ax.set_xlim(-0.5, len(names) - 0.5)
+def plot_isolation(trials: pd.DataFrame, path: str | Path, title: str = "", metric: str = "best_val/acc") -> Path:
+    """``isolation.png`` (Google's Deep Learning Tuning Playbook): ``metric`` of every nuisance trial against
+    its arm, one column per arm in first-seen order, side by side within it, each point labelled with its
+    nuisance values, the chosen trials marked by a star. ``trials``: their jobs table
+    (:func:`mnist_lab.results.collect`) with the columns ``arm`` (its name), ``label`` (its nuisance values)
+    and ``chosen`` (a boolean)."""
+    arms = list(dict.fromkeys(trials["arm"]))
+    fig, ax = _figure(max(6.0, 2.2 * len(arms) + 2), 4.5)
+    for arm, group in trials.groupby("arm", sort=False):
+        for k, (_, t) in enumerate(group.iterrows()):  # side by side, centred on the arm
+            x, star = arms.index(arm) + 0.18 * (k - (len(group) - 1) / 2), bool(t["chosen"])
+            ax.plot(x, float(t[metric]), "*" if star else "o", ms=13 if star else 6, color="crimson" if star else "C0",
+                    zorder=3 if star else 2, label="chosen (best validation)" if star else "nuisance trial")
+            ax.annotate(t["label"], (x, float(t[metric])), textcoords="offset points", xytext=(6, -3), fontsize=7,
+                        rotation=30)
+    ax.set_xticks(range(len(arms)), arms, fontsize=8)
+    ax.set_xlim(-0.5, len(arms) - 0.5)
     unique = dict(zip(*ax.get_legend_handles_labels()[::-1]))
     ax.legend(unique.values(), unique.keys(), fontsize=8)
     _axes(ax, "arm (scientific value)", f"{metric} of each trial", integer=False)

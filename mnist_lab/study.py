@@ -252,9 +252,12 @@ class _Report:
         if not nuisance or not path.is_file():
             return []
         best, arms = choices(trials := read_summary(path), nuisance)
-        trials["label"] = [", ".join(f"{k.rsplit('.', 1)[-1]}={r[k]}" for k in nuisance) for _, r in trials.iterrows()]
-        plot_isolation(trials[trials["status"] == "completed"], best, arms, sweep_dir / "isolation.png",
-                       title=f"study: {self.spec['name']}: nuisance trials")
+        done = trials[trials["status"] == "completed"]
+        rows = [r for _, r in done.iterrows()]
+        plot_isolation(done.assign(arm=[self.name(r[arms].to_dict(), short=True) if arms else "all" for r in rows],
+                                   label=[config_label(r[nuisance].to_dict()) for r in rows],
+                                   chosen=done.index.isin(best.index)),
+                       sweep_dir / "isolation.png", title=f"study: {self.spec['name']}: nuisance trials")
         grid = "; ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in self.spec["nuisance"].items())
         rows = [[self.name(r[arms].to_dict()) if arms else "all", *r[nuisance], f"{r['best_val/acc']:.4f}"]
                 for _, r in best.iterrows()]
