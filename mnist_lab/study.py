@@ -1,7 +1,6 @@
 """Studies: a sweep that answers one research question (``conf/study/<name>.yaml``, run with ``python -m
 mnist_lab.train +study=<name>``), and its ``report.md``. The ``study`` node (its keys: docs/studies/README.md)
-is saved in every job's ``.hydra/config.yaml``; columns and comparisons name per-job values (results.py).
-"""
+is saved in every job's ``.hydra/config.yaml``; columns and comparisons name per-job values (results.py)."""
 
 import math
 from collections.abc import Sequence
@@ -14,18 +13,7 @@ from mnist_lab import results
 from mnist_lab.data import DATASETS
 from mnist_lab.errors import ConfigError
 from mnist_lab.plots import plot_isolation, plot_run_curves
-from mnist_lab.results import (
-    VALUES,
-    Job,
-    aggregate,
-    as_yaml,
-    config_label,
-    factors,
-    job_value,
-    markdown,
-    matches,
-    read_summary,
-)
+from mnist_lab.results import Job, aggregate, as_yaml, config_label, factors, markdown, matches, read_summary
 from mnist_lab.rundir import read_history, write_text_atomic
 from mnist_lab.stats import compare
 from mnist_lab.tuning import choices
@@ -80,7 +68,7 @@ def check_spec(spec: dict, keys: set[str]) -> None:
             raise ConfigError(f"{where}: study.{key} is missing; every study needs name, question and columns")
     for metric in [*spec["columns"], *(c.get("metric") for c in spec.get("comparisons", []))]:
         if not results.is_value(_metric(spec, str(metric))):
-            raise ConfigError(f"{where}: unknown value {metric!r}; use one of {', '.join(VALUES)}, "
+            raise ConfigError(f"{where}: unknown value {metric!r}; use one of {', '.join(results.VALUES)}, "
                               "robustness/<kind>_<strength> (e.g. robustness/noise_0.3), steps_to_val_acc_<acc>, "
                               "epochs_to_val_acc_<acc> or gap_epoch_<n>")
     for key, values in (spec.get("nuisance") or {}).items():
@@ -177,7 +165,7 @@ def write_report(sweep_dir: str | Path, spec: dict, table: pd.DataFrame) -> Path
     spec = {**spec, "columns": [_metric(spec, c) for c in spec["columns"]],
             "comparisons": [{**c, "metric": _metric(spec, c["metric"])} for c in spec.get("comparisons", [])]}
     for metric in (m for m in values_of(spec) if m not in table):
-        table[metric] = [job_value(Job.from_row(row), metric) for _, row in table.iterrows()]
+        table[metric] = [results.job_value(Job.from_row(row), metric) for _, row in table.iterrows()]
     report = _Report(spec, table)
     lines = report.header() + report.results(sweep_dir) + report.tuning(sweep_dir) + report.comparisons()
     if failed := int((table["status"] != "completed").sum()):
@@ -252,12 +240,11 @@ class _Report:
         if not nuisance or not path.is_file():
             return []
         best, arms = choices(trials := read_summary(path), nuisance)
-        done = trials[trials["status"] == "completed"]
-        rows = [r for _, r in done.iterrows()]
-        plot_isolation(done.assign(arm=[self.name(r[arms].to_dict(), short=True) if arms else "all" for r in rows],
-                                   label=[config_label(r[nuisance].to_dict()) for r in rows],
-                                   chosen=done.index.isin(best.index)),
-                       sweep_dir / "isolation.png", title=f"study: {self.spec['name']}: nuisance trials")
+        done = [r for _, r in trials[trials["status"] == "completed"].iterrows()]
+        plot_isolation(pd.DataFrame([{**r, "arm": self.name(r[arms].to_dict(), short=True) if arms else "all",
+                                      "label": config_label(r[nuisance].to_dict()), "chosen": r.name in best.index}
+                                     for r in done]), sweep_dir / "isolation.png",
+                       title=f"study: {self.spec['name']}: nuisance trials")
         grid = "; ".join(f"{k} ∈ {{{', '.join(map(str, v))}}}" for k, v in self.spec["nuisance"].items())
         rows = [[self.name(r[arms].to_dict()) if arms else "all", *r[nuisance], f"{r['best_val/acc']:.4f}"]
                 for _, r in best.iterrows()]
