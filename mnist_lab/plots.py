@@ -268,9 +268,9 @@ def plot_isolation(trials: pd.DataFrame, path: str | Path, title: str = "", metr
     and ``chosen`` (a boolean)."""
     arms = list(dict.fromkeys(trials["arm"]))
     fig, ax = _figure(max(6.0, 2.2 * len(arms) + 2), 4.5)
-    for arm, group in trials.groupby("arm", sort=False):
+    for i, (_, group) in enumerate(trials.groupby("arm", sort=False)):  # in first-seen order, as ``arms``
         for k, (_, t) in enumerate(group.iterrows()):  # side by side, centred on the arm
-            x, star = arms.index(arm) + 0.18 * (k - (len(group) - 1) / 2), bool(t["chosen"])
+            x, star = i + 0.18 * (k - (len(group) - 1) / 2), bool(t["chosen"])
             ax.plot(x, float(t[metric]), "*" if star else "o", ms=13 if star else 6, color="crimson" if star else "C0",
                     zorder=3 if star else 2, label="chosen (best validation)" if star else "nuisance trial")
             ax.annotate(t["label"], (x, float(t[metric])), textcoords="offset points", xytext=(6, -3), fontsize=7,
